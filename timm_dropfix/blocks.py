@@ -1,0 +1,223 @@
+"""Residual blocks with one parameter-free dropout at a named place in the branch.
+
+Each class here subclasses a timm or torchvision block and only replaces ``forward``: the same layers run in the
+same order, plus ``self.branch_drop`` (an ``nn.Dropout`` or ``nn.Identity``) at ``self.branch_drop_at``. Swapping an
+existing block's ``__class__`` to its subclass therefore keeps every state_dict key, and in eval mode the output is
+the original's bit for bit. The dropout is a module (not ``F.dropout(training=...)``) so that torch.fx and export do
+not bake the training flag in.
+"""
+from __future__ import annotations
+
+from typing import Dict, Type
+
+import torch
+from torch import nn
+from timm.models import resnet as timm_resnet
+from timm.models import resnetv2 as timm_resnetv2
+from torchvision.models import resnet as tv_resnet
+
+from .positions import POSTACT, PREACT
+
+__all__ = ['DropfixBlockMixin', 'DROPFIX_BLOCKS', 'dropfix_block_class', 'is_dropfix_block']
+
+
+class DropfixBlockMixin:
+    """What every dropfix block shares: the kind of block and a helper that drops at one named place."""
+    dropfix_kind: str = PREACT
+    dropfix_num_convs: int = 3
+    branch_drop: nn.Module
+    branch_drop_at: str = 'none'
+
+    def _d(self, x: torch.Tensor, here: str) -> torch.Tensor:
+        # branch_drop_at is a plain str, so fx and dynamo specialise on it instead of tracing a branch
+        return self.branch_drop(x) if self.branch_drop_at == here else x
+
+
+class DropfixPreActBasic(DropfixBlockMixin, timm_resnetv2.PreActBasic):
+    """timm ``PreActBasic`` (BN-ReLU-conv3x3-BN-ReLU-conv3x3) with one branch dropout."""
+    dropfix_kind = PREACT
+    dropfix_num_convs = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        if self.downsample is not None:
+            x_preact = self.norm1(x)
+            shortcut = self.downsample(x_preact)
+            x = self._d(x_preact, 'branch_start')
+        else:
+            x = self.norm1(self._d(x, 'branch_start'))
+        x = self._d(self.conv1(x), 'after_conv1')
+        x = self.conv2(self._d(self.norm2(x), 'before_last_conv'))
+        x = self._d(x, 'after_conv2')
+        x = self.drop_path(x)
+        return self._d(x + shortcut, 'after_add')
+
+
+class DropfixPreActBottleneck(DropfixBlockMixin, timm_resnetv2.PreActBottleneck):
+    """timm ``PreActBottleneck`` (BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1) with one branch dropout."""
+    dropfix_kind = PREACT
+    dropfix_num_convs = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        if self.downsample is not None:
+            x_preact = self.norm1(x)
+            shortcut = self.downsample(x_preact)
+            x = self._d(x_preact, 'branch_start')
+        else:
+            x = self.norm1(self._d(x, 'branch_start'))
+        x = self._d(self.conv1(x), 'after_conv1')
+        x = self._d(self.conv2(self.norm2(x)), 'after_conv2')
+        x = self.conv3(self._d(self.norm3(x), 'before_last_conv'))
+        x = self._d(x, 'after_conv3')
+        x = self.drop_path(x)
+        return self._d(x + shortcut, 'after_add')
+
+
+class DropfixV2Bottleneck(DropfixBlockMixin, timm_resnetv2.Bottleneck):
+    """timm ResNetV2's post-activation ``Bottleneck`` (``preact=False`` models) with one branch dropout."""
+    dropfix_kind = POSTACT
+    dropfix_num_convs = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(x)
+        x = self._d(x, 'branch_start')
+        x = self.norm1(self._d(self.conv1(x), 'after_conv1'))
+        x = self.norm2(self._d(self.conv2(x), 'after_conv2'))
+        x = self._d(x, 'before_last_conv')
+        x = self.norm3(self._d(self.conv3(x), 'after_conv3'))
+        x = self._d(x, 'branch_end')
+        x = self.drop_path(x)
+        return self._d(self.act3(x + shortcut), 'after_add')
+
+
+class DropfixBasicBlock(DropfixBlockMixin, timm_resnet.BasicBlock):
+    """timm ``BasicBlock`` (resnet18/34 family) with one branch dropout; DropBlock, SE and drop_path kept."""
+    dropfix_kind = POSTACT
+    dropfix_num_convs = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self._d(x, 'branch_start')
+        x = self.bn1(self._d(self.conv1(x), 'after_conv1'))
+        x = self.drop_block(x)
+        x = self.act1(x)
+        x = self.aa(x)
+        x = self._d(x, 'before_last_conv')
+        x = self.bn2(self._d(self.conv2(x), 'after_conv2'))
+        if self.se is not None:
+            x = self.se(x)
+        x = self._d(x, 'branch_end')
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        x = self.act2(x)
+        return self._d(x, 'after_add')
+
+
+class DropfixBottleneck(DropfixBlockMixin, timm_resnet.Bottleneck):
+    """timm ``Bottleneck`` (resnet50+, resnet*d, seresnet*, resnext*, wide_resnet*) with one branch dropout."""
+    dropfix_kind = POSTACT
+    dropfix_num_convs = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self._d(x, 'branch_start')
+        x = self.bn1(self._d(self.conv1(x), 'after_conv1'))
+        x = self.act1(x)
+        x = self.bn2(self._d(self.conv2(x), 'after_conv2'))
+        x = self.drop_block(x)
+        x = self.act2(x)
+        x = self.aa(x)
+        x = self._d(x, 'before_last_conv')
+        x = self.bn3(self._d(self.conv3(x), 'after_conv3'))
+        if self.se is not None:
+            x = self.se(x)
+        x = self._d(x, 'branch_end')
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        x = self.act3(x)
+        return self._d(x, 'after_add')
+
+
+class DropfixTvBasicBlock(DropfixBlockMixin, tv_resnet.BasicBlock):
+    """torchvision ``BasicBlock`` with one branch dropout."""
+    dropfix_kind = POSTACT
+    dropfix_num_convs = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self._d(x, 'branch_start')
+        out = self.relu(self.bn1(self._d(self.conv1(out), 'after_conv1')))
+        out = self._d(out, 'before_last_conv')
+        out = self.bn2(self._d(self.conv2(out), 'after_conv2'))
+        out = self._d(out, 'branch_end')
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return self._d(out, 'after_add')
+
+
+class DropfixTvBottleneck(DropfixBlockMixin, tv_resnet.Bottleneck):
+    """torchvision ``Bottleneck`` (resnet50+, resnext*, wide_resnet*) with one branch dropout."""
+    dropfix_kind = POSTACT
+    dropfix_num_convs = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self._d(x, 'branch_start')
+        out = self.relu(self.bn1(self._d(self.conv1(out), 'after_conv1')))
+        out = self.relu(self.bn2(self._d(self.conv2(out), 'after_conv2')))
+        out = self._d(out, 'before_last_conv')
+        out = self.bn3(self._d(self.conv3(out), 'after_conv3'))
+        out = self._d(out, 'branch_end')
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return self._d(out, 'after_add')
+
+
+# exact original class -> dropfix subclass; exact classes only, so a user's own subclass with another forward is
+# never silently replaced
+DROPFIX_BLOCKS: Dict[type, Type[DropfixBlockMixin]] = {
+    timm_resnetv2.PreActBasic: DropfixPreActBasic,
+    timm_resnetv2.PreActBottleneck: DropfixPreActBottleneck,
+    timm_resnetv2.Bottleneck: DropfixV2Bottleneck,
+    timm_resnet.BasicBlock: DropfixBasicBlock,
+    timm_resnet.Bottleneck: DropfixBottleneck,
+    tv_resnet.BasicBlock: DropfixTvBasicBlock,
+    tv_resnet.Bottleneck: DropfixTvBottleneck,
+}
+
+
+def is_dropfix_block(module: nn.Module) -> bool:
+    """True for a block that already carries a dropfix branch dropout.
+
+    Example:
+        >>> import timm
+        >>> is_dropfix_block(timm.create_model('resnet18').layer1[0])
+        False
+    """
+    return isinstance(module, DropfixBlockMixin)
+
+
+def dropfix_block_class(module: nn.Module) -> Type[DropfixBlockMixin] | None:
+    """The dropfix class for ``module``'s block type, or None when it is not a supported residual block.
+
+    Example:
+        >>> import timm
+        >>> dropfix_block_class(timm.create_model('resnet18').layer1[0]).__name__
+        'DropfixBasicBlock'
+    """
+    if is_dropfix_block(module):
+        return type(module)
+    return DROPFIX_BLOCKS.get(type(module))
