@@ -1,0 +1,585 @@
+"""Fast data path: decode each image once into a uint8 cache, augment whole batches as tensors.
+
+The usual fine-tuning loop (accelerate's ``cv_example.py``, most tutorials) opens, decodes and resizes every
+JPEG again in every epoch, in DataLoader workers, with PIL. On a Pets-sized set that is most of the CPU time
+of an epoch, and on a small machine it competes with the model for the same cores. This module splits the
+work in two:
+
+1. :func:`build_cache` decodes every image **once** (PIL, shortest side resized to ``short_side``, then a
+   center crop to ``short_side x short_side``) and stores all of them as one uint8 ``.npy`` array
+   ``[N, 3, S, S]`` that is memory-mapped afterwards. The file is keyed by a hash of the file paths, sizes,
+   mtimes, labels, ``short_side`` and interpolation, so a changed dataset or size builds a new file.
+2. :class:`CachedDataset` serves ``(uint8 [3, S, S] tensor, label)`` from that memory map (no decode), and
+   :class:`BatchAugment` does random-resized-crop, flip and normalization on the whole uint8 batch, on
+   whatever device the batch is on (the accelerator when there is one).
+
+How the cached square differs from PIL ``RandomResizedCrop`` over the full image
+--------------------------------------------------------------------------------
+timm's and torchvision's train transform samples the crop box from the *whole* original image (area and
+aspect ratio relative to ``W x H``). Here the box is sampled from the cached center square, so:
+
+* the parts of the long side outside the central square are never seen (for a 4:3 photo, 1/8 of the width on
+  each side); objects near the left/right (or top/bottom) border are seen less often;
+* ``scale`` is relative to the square's area ``S*S``, not to ``W*H``, so a crop of ``scale=1.0`` is the
+  square, and with ``scale=(0.08, 1)`` the crops are on average a bit larger in absolute terms;
+* the image is resampled twice (once to ``S`` when caching, once by the crop), which softens crops that
+  are upsampled. Keeping ``S`` a little above the training size (``S = floor(img_size / crop_pct)``, 256
+  for 224) keeps that small.
+
+The eval path has none of these differences when ``S == floor(img_size / crop_pct)``: timm's eval transform
+(resize shortest side to ``floor(img_size / crop_pct)``, center crop ``img_size``) only ever looks at the
+central square, which is exactly what the cache stores, so eval batches equal timm's PIL eval transform up to
+float rounding. See :func:`default_short_side`.
+
+Example::
+
+    >>> info = build_cache(samples, short_side=default_short_side(224), cache_dir='~/.cache/timm_dropfix')
+    >>> loader = make_fast_loader(CachedDataset(info.path), batch_size=64, shuffle=True, num_workers=2)
+    >>> augment = BatchAugment(224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), train=True)
+    >>> for images, labels in loader:
+    ...     x = augment(images.to(device, non_blocking=True))   # float32 [64, 3, 224, 224], normalized
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    'CacheInfo', 'build_cache', 'default_short_side', 'CachedDataset', 'BatchAugment', 'make_fast_loader',
+    'load_and_resize',
+]
+
+_CACHE_VERSION = 1  # bump when the on-disk layout or the resize recipe changes, so old caches rebuild
+_PIL_INTERP = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC, 'nearest': Image.NEAREST}
+
+
+@dataclass
+class CacheInfo:
+    """What :func:`build_cache` made (or found).
+
+    Attributes:
+        path: the ``.npy`` file, uint8 ``[n_images, 3, S, S]``; give it to :class:`CachedDataset`.
+        labels: label of each cached image, in cache order.
+        n_skipped: number of samples that could not be decoded (corrupt, truncated, missing) and were left out.
+        skipped: paths of those samples.
+        kept_indices: for each cached image, its index in the ``samples`` list given to :func:`build_cache`.
+        short_side: ``S``.
+        n_images: number of cached images (``len(samples) - n_skipped``).
+        key: the content hash the file name is derived from.
+        built: True if this call decoded the images, False if an existing cache was reused.
+        build_seconds: wall time of this call.
+    """
+    path: Path
+    labels: list[int]
+    n_skipped: int
+    skipped: list[str] = field(default_factory=list)
+    kept_indices: list[int] = field(default_factory=list)
+    short_side: int = 0
+    n_images: int = 0
+    key: str = ''
+    built: bool = False
+    build_seconds: float = 0.0
+
+
+def default_short_side(img_size: int, crop_pct: float = 0.875) -> int:
+    """Cache size ``S`` that makes the eval path identical to timm's: ``floor(img_size / crop_pct)``.
+
+    Example::
+
+        >>> default_short_side(224)
+        256
+    """
+    return int(math.floor(img_size / crop_pct))
+
+
+def load_and_resize(path: str, short_side: int, interpolation: str = 'bilinear') -> np.ndarray:
+    """Decode ``path`` with PIL, resize its shortest side to ``short_side``, center crop a square.
+
+    Sizes and crop offsets follow torchvision's ``Resize(int)`` and ``CenterCrop`` on PIL images, so this is
+    the first half of timm's eval transform when ``short_side == floor(img_size / crop_pct)``.
+
+    Returns:
+        uint8 array ``[3, short_side, short_side]``. Raises (OSError, ValueError, ...) on unreadable files.
+
+    Example::
+
+        >>> load_and_resize('cat.jpg', 256).shape
+        (3, 256, 256)
+    """
+    with Image.open(path) as im:
+        im = im.convert('RGB')  # also forces the full decode, so truncated files raise here
+        w, h = im.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(short_side * long / short)  # torchvision's rounding for Resize(int)
+        new_w, new_h = (short_side, new_long) if w <= h else (new_long, short_side)
+        if (new_w, new_h) != (w, h):
+            im = im.resize((new_w, new_h), _PIL_INTERP[interpolation])
+        top = int(round((new_h - short_side) / 2.0))  # torchvision CenterCrop offsets
+        left = int(round((new_w - short_side) / 2.0))
+        im = im.crop((left, top, left + short_side, top + short_side))
+        arr = np.asarray(im, dtype=np.uint8)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _load_or_none(args: tuple[str, int, str]) -> Optional[np.ndarray]:
+    """Pool worker: a decode failure is data, not a crash (it is counted by the caller)."""
+    path, short_side, interpolation = args
+    try:
+        return load_and_resize(path, short_side, interpolation)
+    except Exception:  # noqa: BLE001 - any unreadable image (truncated, not an image, missing) is skipped
+        return None
+
+
+def _cache_key(samples: Sequence[tuple[str, int]], short_side: int, interpolation: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({'v': _CACHE_VERSION, 'S': short_side, 'interp': interpolation}).encode())
+    for path, label in samples:
+        p = os.path.abspath(path)
+        try:
+            st = os.stat(p)
+            sig = f'{st.st_size}:{st.st_mtime_ns}'
+        except OSError:
+            sig = 'missing'  # a missing file is skipped at build time; its appearance later changes the key
+        h.update(f'{p}\0{sig}\0{int(label)}\n'.encode())
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+
+
+def _unlink_quiet(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def build_cache(
+        samples: list[tuple[str, int]],
+        short_side: int,
+        cache_dir: str | Path,
+        interpolation: str = 'bilinear',
+        num_workers: Optional[int] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+) -> CacheInfo:
+    """Decode and resize every image once into a memory-mappable uint8 cache (or reuse a matching one).
+
+    Args:
+        samples: ``(image path, integer label)`` pairs, in dataset order.
+        short_side: ``S``; each image is resized to shortest side ``S`` and center cropped to ``S x S``.
+            Use :func:`default_short_side` (256 for 224 training) unless you have a reason not to.
+        cache_dir: folder for the cache files (created if needed). Files are named by a hash of the paths,
+            sizes, mtimes, labels, ``S`` and interpolation, so edits to the data or a new ``S`` build a new file.
+        interpolation: PIL resampling for the one-time resize, ``'bilinear'`` (timm's default) or ``'bicubic'``.
+        num_workers: decode processes; ``None`` = all CPUs (capped at 8), ``0`` = decode in this process.
+        progress: optional ``callback(done, total)``.
+
+    Returns:
+        :class:`CacheInfo`. Undecodable images are left out and counted in ``n_skipped``; they never raise.
+
+    The array is written to a temporary file in ``cache_dir`` and renamed into place only when complete (the
+    label sidecar first, then the array), so an interrupted build leaves no partial cache behind and
+    concurrent builders (e.g. several ranks) at worst do the work twice.
+
+    Example::
+
+        >>> samples = [('/data/pets/images/Abyssinian_1.jpg', 0), ('/data/pets/images/beagle_1.jpg', 1)]
+        >>> info = build_cache(samples, short_side=256, cache_dir='/tmp/cache')
+        >>> info.n_images, info.n_skipped
+        (2, 0)
+    """
+    t0 = time.perf_counter()
+    if interpolation not in _PIL_INTERP:
+        raise ValueError(f'interpolation must be one of {sorted(_PIL_INTERP)}, got {interpolation!r}')
+    if short_side < 1:
+        raise ValueError(f'short_side must be a positive number of pixels, got {short_side}')
+    if not samples:
+        raise ValueError('build_cache needs at least one (path, label) sample; got an empty list')
+    cache_dir = Path(cache_dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(samples, short_side, interpolation)
+    stem = f'fastdata-S{short_side}-{key[:20]}'
+    npy_path, meta_path = cache_dir / f'{stem}.npy', cache_dir / f'{stem}.json'
+
+    if npy_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get('key') == key:
+            return _info_from_meta(npy_path, meta, built=False, seconds=time.perf_counter() - t0)
+
+    n = len(samples)
+    jobs = [(str(p), short_side, interpolation) for p, _ in samples]
+    if num_workers is None:
+        num_workers = min(os.cpu_count() or 1, 8)
+    num_workers = min(num_workers, n)
+    fd, tmp_npy = tempfile.mkstemp(dir=cache_dir, prefix=stem + '.', suffix='.npy.tmp')
+    os.close(fd)
+    tmp_compact = None
+    try:
+        arr = np.lib.format.open_memmap(tmp_npy, mode='w+', dtype=np.uint8, shape=(n, 3, short_side, short_side))
+        kept: list[int] = []
+        if num_workers > 1:
+            # fork keeps startup cheap; the workers only run PIL/numpy, never torch
+            ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()
+            with ctx.Pool(num_workers) as pool:
+                results = pool.imap(_load_or_none, jobs, chunksize=max(1, min(16, n // (4 * num_workers))))
+                _fill(arr, results, kept, n, progress)
+        else:
+            _fill(arr, map(_load_or_none, jobs), kept, n, progress)
+        if not kept:
+            raise RuntimeError(f'build_cache: none of the {n} images could be decoded (first: {samples[0][0]!r}); '
+                               'check the paths and that they are image files')
+        if len(kept) < n:
+            # rare path (corrupt files): write a compact array so CachedDataset needs no index indirection
+            del arr
+            src = np.load(tmp_npy, mmap_mode='r')
+            fd, tmp_compact = tempfile.mkstemp(dir=cache_dir, prefix=stem + '.', suffix='.npy.tmp')
+            os.close(fd)
+            dst = np.lib.format.open_memmap(
+                tmp_compact, mode='w+', dtype=np.uint8, shape=(len(kept), 3, short_side, short_side))
+            for start in range(0, len(kept), 256):  # rows are already dense; copy in chunks to bound memory
+                dst[start:start + 256] = src[start:min(start + 256, len(kept))]
+            dst.flush()
+            del dst, src
+            os.replace(tmp_compact, tmp_npy)
+            tmp_compact = None
+        else:
+            arr.flush()
+            del arr
+        kept_set = set(kept)
+        meta = {
+            'key': key, 'version': _CACHE_VERSION, 'short_side': short_side, 'interpolation': interpolation,
+            'labels': [int(samples[i][1]) for i in kept], 'kept_indices': kept,
+            'skipped': [str(samples[i][0]) for i in range(n) if i not in kept_set],
+        }
+        _atomic_write_text(meta_path, json.dumps(meta))
+        os.replace(tmp_npy, npy_path)  # the array appears last and complete
+    except BaseException:
+        _unlink_quiet(tmp_npy)
+        if tmp_compact is not None:
+            _unlink_quiet(tmp_compact)
+        raise
+    return _info_from_meta(npy_path, meta, built=True, seconds=time.perf_counter() - t0)
+
+
+def _fill(arr: np.ndarray, results, kept: list[int], n: int, progress) -> None:
+    """Write decoded images densely (row k = k-th decodable image) and record which sample each row is."""
+    row = 0
+    for i, img in enumerate(results):
+        if img is not None:
+            arr[row] = img
+            kept.append(i)
+            row += 1
+        if progress is not None:
+            progress(i + 1, n)
+
+
+def _info_from_meta(npy_path: Path, meta: dict, built: bool, seconds: float) -> CacheInfo:
+    return CacheInfo(
+        path=npy_path, labels=list(meta['labels']), n_skipped=len(meta['skipped']), skipped=list(meta['skipped']),
+        kept_indices=list(meta['kept_indices']), short_side=int(meta['short_side']), n_images=len(meta['labels']),
+        key=meta['key'], built=built, build_seconds=seconds,
+    )
+
+
+class CachedDataset(Dataset):
+    """Memory-mapped view of a :func:`build_cache` file: ``dataset[i] -> (uint8 tensor [3, S, S], int label)``.
+
+    The memory map is opened lazily in each process (DataLoader workers pickle the dataset, not the map), and
+    batched fetches (``__getitems__``, used by ``DataLoader`` automatically) read a whole batch with one
+    sorted fancy-index, which is mostly sequential I/O from the page cache.
+
+    Example::
+
+        >>> ds = CachedDataset(build_cache(samples, 256, '/tmp/cache').path)
+        >>> img, label = ds[0]; img.dtype, tuple(img.shape)
+        (torch.uint8, (3, 256, 256))
+    """
+
+    def __init__(self, cache_path: str | Path):
+        self.cache_path = Path(cache_path)
+        meta_path = self.cache_path.with_suffix('.json')
+        if not self.cache_path.exists() or not meta_path.exists():
+            raise FileNotFoundError(
+                f'{self.cache_path} (and its .json sidecar) not found: build it with build_cache(samples, S, dir) '
+                'and pass CacheInfo.path')
+        meta = json.loads(meta_path.read_text())
+        self.labels: list[int] = list(meta['labels'])
+        self.short_side: int = int(meta['short_side'])
+        self._arr: Optional[np.ndarray] = None
+        shape = self._array().shape
+        if shape[0] != len(self.labels):
+            raise ValueError(f'{self.cache_path}: {shape[0]} images but {len(self.labels)} labels; delete the '
+                             'file and its .json so build_cache rebuilds it')
+
+    def _array(self) -> np.ndarray:
+        if self._arr is None:
+            self._arr = np.load(self.cache_path, mmap_mode='r')
+        return self._arr
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state['_arr'] = None  # each worker maps the file itself
+        return state
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
+        img = torch.from_numpy(np.array(self._array()[idx]))  # copy: the map is read-only
+        return img, self.labels[idx]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        arr = self._array()
+        idx = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(idx, kind='stable')
+        shape = (len(idx),) + arr.shape[1:]
+        if torch.utils.data.get_worker_info() is not None:
+            # in a DataLoader worker, fill shared memory directly (what default_collate does) so the batch is
+            # not copied again on its way to the main process
+            images = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(int(np.prod(shape))))
+            images = images.view(shape)
+        else:
+            images = torch.empty(shape, dtype=torch.uint8)
+        images.numpy()[order] = arr[idx[order]]  # one sorted read, then back to the sampler's order
+        out = _Batch((images[k], self.labels[i]) for k, i in enumerate(indices))
+        out.images, out.labels = images, torch.tensor([self.labels[i] for i in indices], dtype=torch.int64)
+        return out
+
+
+class _Batch(list):
+    """A list of ``(image, label)`` samples (so any collate_fn works) that also carries the stacked batch."""
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+class _CollateThenTransform:
+    """Stack uint8 samples into a batch, then (optionally) run a batch transform, inside the worker."""
+
+    def __init__(self, batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.batch_transform = batch_transform
+
+    def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(samples, _Batch):  # CachedDataset already stacked it: no second copy
+            images, labels = samples.images, samples.labels
+        else:
+            images = torch.stack([img for img, _ in samples])
+            labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        if self.batch_transform is not None:
+            with torch.no_grad():
+                images = self.batch_transform(images)
+        return images, labels
+
+
+def make_fast_loader(
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> DataLoader:
+    """DataLoader with the settings that suit a :class:`CachedDataset` (uint8 batches, cheap per item).
+
+    Args:
+        dataset: usually a :class:`CachedDataset`.
+        batch_size, shuffle, drop_last: as in ``DataLoader``.
+        num_workers: loader processes. Reading from the cache is cheap, so 1-2 are plenty without
+            ``batch_transform``.
+        pin_memory: page-locked batches for fast, asynchronous host-to-GPU copies; only used when CUDA is
+            available (it is meaningless, and warns, on CPU).
+        persistent_workers: keep workers (and their memory maps) alive across epochs; only if ``num_workers > 0``.
+        seed: seeds the shuffle order and the workers' torch RNG, so two loaders with the same seed yield the
+            same batches (and, with ``batch_transform``, the same augmentations).
+        batch_transform: optional callable run on each stacked uint8 batch inside the workers, e.g. a
+            ``BatchAugment`` when training on CPU (then augmentation runs in parallel to the training step, as
+            PIL transforms would); leave it ``None`` on a GPU and run ``BatchAugment`` there instead.
+
+    Example::
+
+        >>> loader = make_fast_loader(CachedDataset(info.path), batch_size=64, shuffle=True, seed=42)
+        >>> images, labels = next(iter(loader))   # uint8 [64, 3, S, S], int64 [64]
+    """
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
+        collate_fn=_CollateThenTransform(batch_transform),
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=persistent_workers and num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None, generator=g,
+    )
+
+
+class BatchAugment(nn.Module):
+    """Random-resized-crop + flip + normalize (train) or center crop + normalize (eval) on uint8 batches.
+
+    Args:
+        img_size: output side.
+        mean, std: per-channel normalization in [0, 1] units (e.g. ``model.pretrained_cfg['mean']``).
+        train: random crops and flips if True, else timm's center crop.
+        scale, ratio: RandomResizedCrop area fraction (of the cached ``S x S`` square, see module doc) and
+            aspect-ratio range; the sampling follows timm's ``RandomResizedCropAndInterpolation.get_params``
+            (10 attempts, then the central crop).
+        hflip: probability of a horizontal flip.
+        crop_pct: eval crop fraction, as in timm's eval transform.
+        channels_last: return the batch in channels_last memory format.
+
+    All crops of a batch are resampled in one bilinear ``grid_sample`` call (no Python loop per image). With
+    ``S = floor(img_size / crop_pct)`` a crop is shrunk by at most ``1 / crop_pct`` (1.14x), where bilinear
+    sampling needs no antialiasing; when some crop is shrunk by more than 1.5x (a cache much larger than
+    ``img_size``) the batch goes through ``torchvision.ops.roi_align`` instead, which averages several samples
+    per output pixel like PIL's antialiased resize. Randomness comes from ``generator`` if given to ``forward``, else from torch's global RNG.
+
+    Example::
+
+        >>> aug = BatchAugment(224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), train=True)
+        >>> aug(torch.randint(0, 256, (8, 3, 256, 256), dtype=torch.uint8)).shape
+        torch.Size([8, 3, 224, 224])
+    """
+
+    def __init__(
+            self,
+            img_size: int,
+            mean: Sequence[float],
+            std: Sequence[float],
+            train: bool,
+            scale: tuple[float, float] = (0.08, 1.0),
+            ratio: tuple[float, float] = (3 / 4, 4 / 3),
+            hflip: float = 0.5,
+            crop_pct: float = 0.875,
+            channels_last: bool = False,
+    ):
+        super().__init__()
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f'mean and std need 3 values (RGB), got {mean!r} and {std!r}')
+        if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f'need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}')
+        self.img_size = int(img_size)
+        self.train_mode = bool(train)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.hflip = float(hflip)
+        self.crop_pct = float(crop_pct)
+        self.channels_last = channels_last
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std folded into one multiply-add
+        self.register_buffer('mul', 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer('sub', mean_t / std_t, persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f'img_size={self.img_size}, train={self.train_mode}, scale={self.scale}, ratio={self.ratio}, '
+                f'hflip={self.hflip}, crop_pct={self.crop_pct}')
+
+    def sample_boxes(self, batch: int, height: int, width: int,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Crop boxes ``[B, 4]`` as ``(x1, y1, x2, y2)`` pixel edges, timm's RandomResizedCrop rule, vectorized."""
+        attempts = 10
+        area = float(height * width)
+        u = torch.rand(batch, attempts, 2, generator=generator, dtype=torch.float64)
+        target_area = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[..., 0])
+        log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[..., 1])
+        w = torch.round(torch.sqrt(target_area * aspect))
+        h = torch.round(torch.sqrt(target_area / aspect))
+        ok = (w <= width) & (h <= height) & (w >= 1) & (h >= 1)
+        first = ok.to(torch.uint8).argmax(dim=1)  # first valid attempt, as in the sequential loop
+        any_ok = ok.any(dim=1)
+        w = w.gather(1, first[:, None])[:, 0]
+        h = h.gather(1, first[:, None])[:, 0]
+        # fallback: central crop clamped to the ratio range
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            fw, fh = float(width), float(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            fw, fh = float(round(height * self.ratio[1])), float(height)
+        else:
+            fw, fh = float(width), float(height)
+        w = torch.where(any_ok, w, torch.full_like(w, fw))
+        h = torch.where(any_ok, h, torch.full_like(h, fh))
+        pos = torch.rand(batch, 2, generator=generator, dtype=torch.float64)
+        # random.randint(0, n) is uniform over n + 1 integers
+        i = torch.floor(pos[:, 0] * (height - h + 1)).clamp_max(height - h)
+        j = torch.floor(pos[:, 1] * (width - w + 1)).clamp_max(width - w)
+        i = torch.where(any_ok, i, torch.floor((height - h) / 2))
+        j = torch.where(any_ok, j, torch.floor((width - w) / 2))
+        return torch.stack([j, i, j + w, i + h], dim=1)
+
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """uint8 (or float in 0..255) ``[B, 3, H, W]`` on any device -> float32 normalized ``[B, 3, img, img]``."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f'BatchAugment expects a [B, 3, H, W] batch, got shape {tuple(x.shape)}')
+        out = self._random_crop(x, generator) if self.train_mode else self._center(x)
+        out = out.mul_(self.mul.to(x.device)).sub_(self.sub.to(x.device))
+        if self.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def _random_crop(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        b, _, height, width = x.shape
+        out_size = self.img_size
+        boxes = self.sample_boxes(b, height, width, generator)
+        flip = torch.rand(b, generator=generator) < self.hflip if self.hflip > 0 else torch.zeros(b, dtype=torch.bool)
+        shrink = float(torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).max()) / out_size
+        if shrink > 1.5:
+            # Bilinear sampling aliases when a crop is shrunk a lot (a cache much larger than img_size):
+            # roi_align averages several samples per output pixel instead. Slower on CPU, so only here.
+            from torchvision.ops import roi_align  # local: keeps `import finetune` light
+            rois = torch.cat([torch.arange(b, dtype=torch.float64)[:, None], boxes], dim=1)
+            out = roi_align(x.float(), rois.to(device=x.device, dtype=torch.float32),
+                            output_size=out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+            return torch.where(flip.to(x.device)[:, None, None, None], out.flip(3), out)
+        # One grid_sample for the whole batch. The sampling grid is separable (x depends on the column, y on the
+        # row), so it is built by broadcasting instead of affine_grid's batched matmul; a flip is a crop box
+        # traversed right-to-left, so it costs nothing.
+        x1, y1, x2, y2 = boxes.unbind(1)
+        x_start = torch.where(flip, x2, x1)
+        x_step = torch.where(flip, x1 - x2, x2 - x1) / out_size
+        centers = torch.arange(out_size, dtype=torch.float64) + 0.5
+        # pixel-edge coordinates -> grid_sample's normalized coordinates (align_corners=False)
+        gx = (x_start[:, None] + centers[None] * x_step[:, None]) * (2.0 / width) - 1.0
+        gy = (y1[:, None] + centers[None] * ((y2 - y1) / out_size)[:, None]) * (2.0 / height) - 1.0
+        grid = torch.empty(b, out_size, out_size, 2, device=x.device)
+        grid[..., 0] = gx.to(device=x.device, dtype=torch.float32)[:, None, :]
+        grid[..., 1] = gy.to(device=x.device, dtype=torch.float32)[:, :, None]
+        return F.grid_sample(x.float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
+
+    def _center(self, x: torch.Tensor) -> torch.Tensor:
+        """timm eval: resize shortest side to floor(img/crop_pct), center crop img. In cache pixels that is a
+        central crop of img * S / floor(img/crop_pct) pixels resized to img (an exact slice when S matches)."""
+        height, width = x.shape[-2:]
+        scale_size = math.floor(self.img_size / self.crop_pct)
+        crop = self.img_size * min(height, width) / scale_size
+        ch = cw = int(round(crop))
+        top, left = int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0))
+        out = x[:, :, top:top + ch, left:left + cw].float()
+        if (ch, cw) != (self.img_size, self.img_size):
+            out = F.interpolate(out, size=(self.img_size, self.img_size), mode='bilinear', align_corners=False,
+                                antialias=True).clamp_(0, 255)
+        return out.contiguous()
