@@ -1,0 +1,71 @@
+"""``python -m finetune train|bench|push`` (also ``accelerate launch -m finetune train ...``).
+
+Examples:
+    python -m finetune train --model resnet50 --pretrained-file ../shared/weights/resnet50_keras_in1k --v1-strides \\
+        --data-dir ../shared/data/pets370 --img-size 160 --output-dir runs/pets
+    python -m finetune bench --model resnet18 --data-dir ../shared/data/pets370 --seeds 0 1 2 --output-dir runs/bench
+    python -m finetune push runs/pets/model --repo-id me/resnet50-pets --dry-run
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import add_train_args, config_from_args
+from .errors import FinetuneError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI parser (subcommands train, bench, push)."""
+    parser = argparse.ArgumentParser(prog='python -m finetune', description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('train', help='fine-tune one model')
+    add_train_args(p)
+
+    p = sub.add_parser('bench', help='grid of dropout variants x seeds with the same budget')
+    add_train_args(p)
+    from .bench import DEFAULT_VARIANTS
+    p.add_argument('--variants', nargs='+', default=list(DEFAULT_VARIANTS),
+                   help=f'variant names (default: all of {", ".join(DEFAULT_VARIANTS)})')
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    p.add_argument('--baseline', default='timm_default', help='variant the paired differences are taken against')
+
+    p = sub.add_parser('push', help='upload a model folder to the Hugging Face Hub in one commit')
+    p.add_argument('folder', help='the model/ folder written by `finetune train`')
+    p.add_argument('--repo-id', required=True, help='USER/NAME on the Hub')
+    p.add_argument('--private', action='store_true')
+    p.add_argument('--dry-run', action='store_true', help='write what would be uploaded into a local folder instead')
+    p.add_argument('--dry-run-dir', default=None, help='where --dry-run puts the files (default: FOLDER.dry-run)')
+    p.add_argument('--bench-results', default=None, help='a bench results.json to add to the model card')
+    p.add_argument('--commit-message', default=None)
+    p.add_argument('--revision', default=None, help='branch to commit to (default: main)')
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 for a FinetuneError, which prints a message, no traceback)."""
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == 'train':
+            from .train import train
+            train(config_from_args(args))
+        elif args.command == 'bench':
+            from .bench import run_bench
+            run_bench(config_from_args(args), args.variants, args.seeds, baseline=args.baseline)
+        elif args.command == 'push':
+            from .hub import push
+            push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run,
+                 dry_run_dir=args.dry_run_dir, bench_results=args.bench_results,
+                 commit_message=args.commit_message, revision=args.revision)
+    except FinetuneError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""``finetune bench``: dropout variants x seeds with the same budget, and a paired comparison against a baseline.
+
+Every run is an ordinary ``train`` run in ``OUT/runs/<variant>/seed_<s>``; a run with a ``metrics.json`` is done
+and never repeated, a run with checkpoints is resumed, so an interrupted bench continues where it stopped.
+The summary compares each variant with the baseline seed by seed (same seed = same data order and head init),
+which removes most of the seed-to-seed noise that an unpaired mean +- std comparison would carry.
+
+Example:
+    >>> from finetune.config import TrainConfig
+    >>> results = run_bench(TrainConfig(model='resnet18', img_size=64, epochs=1, output_dir='runs/bench'),
+    ...                     ['timm_default', 'recommended'], seeds=[0, 1])           # doctest: +SKIP
+    >>> results['comparisons']['recommended']['n']                                    # doctest: +SKIP
+    2
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from .checkpoint import write_text_atomic
+from .config import TrainConfig
+from .errors import FinetuneError
+
+_NO_DROP = dict(rewrite=False, drop_rate=0.0)
+_BRANCH = 0.1  # rates of the paper's fine-tuning experiments (paper.md)
+_HEAD = 0.2
+# name -> (TrainConfig overrides, description)
+VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    'timm_default': (dict(rewrite=False, drop_rate=_HEAD), f"timm's head dropout p={_HEAD} after the pool"),
+    'none': (_NO_DROP, 'no dropout'),
+    'recommended': (dict(rewrite=True, branch_drop_rate=_BRANCH, branch_position='recommended',
+                         head_drop_rate=_HEAD, head_position='before_pool'),
+                    f'branch p={_BRANCH} (recommended position) + head p={_HEAD} before the pool'),
+    'head_only': (dict(rewrite=True, branch_drop_rate=0.0, branch_position='none', head_drop_rate=_HEAD,
+                       head_position='before_pool'), f'head p={_HEAD} before the pool only'),
+    'branch_only': (dict(rewrite=True, branch_drop_rate=_BRANCH, branch_position='recommended', head_drop_rate=0.0,
+                         head_position='none'), f'branch p={_BRANCH} (recommended position) only'),
+    'branch_before_last_conv': (dict(rewrite=True, branch_drop_rate=_BRANCH, branch_position='before_last_conv',
+                                     head_drop_rate=0.0, head_position='none'),
+                                f'branch p={_BRANCH} before the last conv only (ablation)'),
+    'branch_after_add': (dict(rewrite=True, branch_drop_rate=_BRANCH, branch_position='after_add',
+                              head_drop_rate=0.0, head_position='none'),
+                         f'branch p={_BRANCH} after the addition only (ablation)'),
+    'branch_start': (dict(rewrite=True, branch_drop_rate=_BRANCH, branch_position='branch_start',
+                          head_drop_rate=0.0, head_position='none'),
+                     f'branch p={_BRANCH} at the start of the branch only (ablation)'),
+}
+DEFAULT_VARIANTS = ('timm_default', 'none', 'recommended', 'head_only', 'branch_only', 'branch_before_last_conv',
+                    'branch_after_add')
+METRICS = ('top1', 'mean_class_acc', 'top5', 'nll', 'ece')
+
+# two-sided 95% Student t quantiles t_{0.975, df}; beyond the table the normal 1.96 is within 2%
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t975(df: int) -> float:
+    """95% two-sided Student t quantile (table lookup, conservative between entries).
+
+    Example:
+        >>> t975(2)
+        4.303
+    """
+    if df < 1:
+        return math.nan
+    keys = sorted(k for k in _T975 if k <= df)
+    return _T975[keys[-1]] if df <= 120 else 1.96
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(xs)
+    m = sum(xs) / n
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
+    """Per-seed ``a - b`` on the seeds both have, its mean, and a 95% t-interval.
+
+    Example:
+        >>> d = paired_difference({0: 0.7, 1: 0.8}, {0: 0.6, 1: 0.6})
+        >>> round(d['mean'], 3), d['n']
+        (0.15, 2)
+    """
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    if not diffs:
+        return dict(n=0, seeds=[], diffs=[], mean=math.nan, std=math.nan, ci95=[math.nan, math.nan])
+    m, sd = mean_std(diffs)
+    half = t975(len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return dict(n=len(diffs), seeds=seeds, diffs=diffs, mean=m, std=sd, ci95=[m - half, m + half])
+
+
+def summarize_runs(runs: dict[str, dict[int, dict]], baseline: str, descriptions: dict[str, str],
+                   setup: dict[str, Any]) -> dict[str, Any]:
+    """results.json content from ``{variant: {seed: metrics}}``."""
+    variants = {}
+    for name, by_seed in runs.items():
+        stats = {}
+        for k in METRICS:
+            vals = [by_seed[s][k] for s in sorted(by_seed)]
+            m, sd = mean_std(vals)
+            stats[k] = dict(mean=m, std=sd)
+        variants[name] = dict(description=descriptions.get(name, ''), n=len(by_seed),
+                              seeds={str(s): {k: by_seed[s][k] for k in METRICS + ('images_per_second',)
+                                              if k in by_seed[s]} for s in sorted(by_seed)}, **stats)
+    comparisons = {}
+    base = {s: m['top1'] for s, m in runs.get(baseline, {}).items()}
+    for name, by_seed in runs.items():
+        if name != baseline:
+            comparisons[name] = dict(
+                top1=paired_difference({s: m['top1'] for s, m in by_seed.items()}, base),
+                mean_class_acc=paired_difference({s: m['mean_class_acc'] for s, m in by_seed.items()},
+                                                 {s: m['mean_class_acc'] for s, m in runs[baseline].items()}))
+            comparisons[name]['n'] = comparisons[name]['top1']['n']
+    return dict(setup=setup, baseline=baseline, variants=variants, comparisons=comparisons)
+
+
+def results_markdown(results: dict[str, Any], heading: bool = True) -> str:
+    """The results.md table: mean +- std per variant and the paired difference in top-1 vs the baseline."""
+    base = results['baseline']
+    setup = results.get('setup', {})
+    lines = []
+    if heading:
+        lines += ['# finetune bench results', '',
+                  f"model `{setup.get('model')}`, dataset `{setup.get('dataset')}` ({setup.get('data_dir')}), "
+                  f"{setup.get('epochs')} epochs at {setup.get('img_size')} px, seeds {setup.get('seeds')}.", '']
+    lines += [f'Paired difference = variant - `{base}` on the same seed; 95% t-interval over seeds.', '',
+              '| variant | what | n | top-1 (mean +- std) | mean class acc | NLL | ECE | top-1 diff vs baseline [95% CI] |',
+              '|---|---|---|---|---|---|---|---|']
+    for name, v in results['variants'].items():
+        if name == base:
+            diff = '(baseline)'
+        else:
+            c = results['comparisons'][name]['top1']
+            diff = (f"{c['mean']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c['n'] > 1 else
+                    f"{c['mean']:+.4f} (1 seed, no interval)" if c['n'] == 1 else 'n/a')
+        lines.append(f"| {name} | {v['description']} | {v['n']} | {v['top1']['mean']:.4f} +- {v['top1']['std']:.4f} "
+                     f"| {v['mean_class_acc']['mean']:.4f} +- {v['mean_class_acc']['std']:.4f} "
+                     f"| {v['nll']['mean']:.3f} | {v['ece']['mean']:.3f} | {diff} |")
+    return '\n'.join(lines) + '\n'
+
+
+def plot_results(results: dict[str, Any], path: str | Path) -> Path:
+    """Top-1 per seed (dots) and mean +- std (bar) per variant, as PNG."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    names = list(results['variants'])
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names) + 1), 4))
+    for i, name in enumerate(names):
+        v = results['variants'][name]
+        ax.errorbar(i, v['top1']['mean'], yerr=v['top1']['std'], fmt='s', color='k', capsize=4, zorder=3)
+        seeds = [s['top1'] for s in v['seeds'].values()]
+        ax.scatter([i + 0.12] * len(seeds), seeds, alpha=0.6, s=18, zorder=2)
+    ax.axhline(results['variants'][results['baseline']]['top1']['mean'], ls='--', color='gray', lw=1,
+               label=f"baseline ({results['baseline']})")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha='right')
+    ax.set_ylabel('top-1 (eval split)')
+    ax.legend(loc='best', fontsize=8)
+    ax.set_title('dropout variants: mean +- std (squares), seeds (dots)')
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_bench(base: TrainConfig, variants: Sequence[str], seeds: Sequence[int], baseline: str = 'timm_default',
+              ) -> dict[str, Any]:
+    """Run (or resume) the grid and write results.json, results.md and results.png into ``base.output_dir``."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise FinetuneError(f'unknown bench variant(s) {unknown}; choose from {", ".join(VARIANTS)}')
+    if baseline not in variants:
+        raise FinetuneError(f'--baseline {baseline!r} is not among --variants {list(variants)}')
+    if not seeds:
+        raise FinetuneError('--seeds needs at least one seed')
+    from accelerate import PartialState
+    from .train import train
+    out = Path(base.output_dir)
+    state = PartialState()
+    runs: dict[str, dict[int, dict]] = {}
+    for name in variants:
+        for seed in seeds:
+            run_dir = out / 'runs' / name / f'seed_{seed}'
+            done = run_dir / 'metrics.json'
+            if done.is_file():
+                state.print(f'bench: {name} seed {seed} already done, skipping')
+            else:
+                resume = 'auto' if (run_dir / 'checkpoints' / 'LATEST').is_file() else None
+                if resume is None and run_dir.exists():  # died before its first checkpoint: start it again
+                    if state.is_main_process:
+                        shutil.rmtree(run_dir)
+                    state.wait_for_everyone()
+                state.print(f"bench: {name} seed {seed}{' (resuming)' if resume else ''}")
+                cfg = base.replace(**VARIANTS[name][0], seed=seed, output_dir=str(run_dir), resume=resume,
+                                   cache_dir=base.cache_dir or str(out / 'cache'))
+                train(cfg)
+            runs.setdefault(name, {})[seed] = json.loads(done.read_text())
+    setup = dict(model=base.model, dataset=base.dataset, data_dir=base.data_dir, epochs=base.epochs,
+                 img_size=base.img_size, seeds=list(seeds), config=base.to_dict())
+    results = summarize_runs(runs, baseline, {k: v[1] for k, v in VARIANTS.items()}, setup)
+    if state.is_main_process:
+        write_text_atomic(out / 'results.json', json.dumps(results, indent=2))
+        write_text_atomic(out / 'results.md', results_markdown(results))
+        plot_results(results, out / 'results.png')
+        state.print(results_markdown(results))
+    state.wait_for_everyone()
+    return results

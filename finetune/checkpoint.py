@@ -1,0 +1,90 @@
+"""Crash-safe checkpoints on top of ``accelerator.save_state``.
+
+Each epoch is written to ``checkpoints/.epoch_NNNN.tmp``, renamed to ``checkpoints/epoch_NNNN`` when complete, and
+only then does the one-line pointer ``checkpoints/LATEST`` move to it (``os.replace`` is atomic). A crash at any
+moment leaves ``LATEST`` naming a complete checkpoint (or no pointer at all), never a half-written one.
+
+Example:
+    >>> find_checkpoint('runs/pets', 'auto')          # doctest: +SKIP
+    PosixPath('runs/pets/checkpoints/epoch_0003')
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import FinetuneError
+
+STATE_FILE = 'trainer_state.json'
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file + rename, so readers see the old or the new file, never half."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, epoch: int, trainer_state: dict[str, Any],
+                    keep: int = 1) -> Path:
+    """Save model, optimizer, registered objects (scheduler) and every process's RNG state after ``epoch``.
+
+    Must be called on all processes. ``trainer_state`` (epoch, step, history, model signature) is stored beside
+    accelerate's files. Older checkpoints beyond ``keep`` are removed after the pointer has moved.
+    """
+    root = Path(run_dir) / 'checkpoints'
+    name = f'epoch_{epoch:04d}'
+    tmp, final = root / f'.{name}.tmp', root / name
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_text_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(root / 'LATEST', name + '\n')
+        done = sorted(p for p in root.glob('epoch_*') if p.is_dir())
+        for old in done[:-max(keep, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(resume: str, run_dir: str | Path) -> Path:
+    """Resolve ``--resume`` ('auto' = RUN_DIR, or a run folder, a checkpoints folder, or one checkpoint)."""
+    p = Path(run_dir) if resume == 'auto' else Path(resume)
+    for ptr_dir in (p / 'checkpoints', p):
+        ptr = ptr_dir / 'LATEST'
+        if ptr.is_file():
+            ck = ptr_dir / ptr.read_text().strip()
+            if (ck / STATE_FILE).is_file():
+                return ck
+    if (p / STATE_FILE).is_file():
+        return p
+    raise FinetuneError(f'--resume: no complete checkpoint in {p} (looked for checkpoints/LATEST and {STATE_FILE}). '
+                        f'Start without --resume, or point it at a run folder written by `finetune train`.')
+
+
+def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a checkpoint."""
+    return json.loads((Path(ckpt) / STATE_FILE).read_text())
+
+
+def check_same_model(saved: dict[str, Any], current: dict[str, Any], ckpt: Path) -> None:
+    """Refuse to resume a checkpoint written for a different network (name, head size, strides, dropout)."""
+    diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+    if diff:
+        details = '; '.join(f'{k}: checkpoint {a!r} vs now {b!r}' for k, (a, b) in sorted(diff.items()))
+        raise FinetuneError(f'--resume: {ckpt} was written for another model ({details}). Resume with the same '
+                            f'model options, or use a new --output-dir to start fresh.')

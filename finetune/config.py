@@ -1,0 +1,160 @@
+"""Command-line options -> one flat, JSON-serialisable :class:`TrainConfig`.
+
+The config is the single record of a run: it is written to ``OUT/config.json``, stored in every checkpoint, copied
+into the model card, and is what ``bench`` varies. Only plain values live here (no tensors, no tokens), so a
+``to_json`` / ``from_json`` round trip gives back an equal object.
+
+Example:
+    >>> cfg = TrainConfig(model='resnet18', epochs=1)
+    >>> TrainConfig.from_json(cfg.to_json()) == cfg
+    True
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Positions are re-validated by timm_dropfix.rewrite; listed here so --help shows them without importing torch.
+BRANCH_POSITIONS = ('none', 'recommended', 'branch_start', 'after_conv1', 'after_conv2', 'after_conv3',
+                    'before_last_conv', 'branch_end', 'after_add')
+HEAD_POSITIONS = ('before_pool', 'after_pool', 'before_pool_channel', 'none')
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a fine-tuning run. Defaults are the recipe tuned on pets370 (see README)."""
+
+    # data
+    dataset: str = 'pets'                 # 'pets' (torchvision OxfordIIITPet) or 'imagefolder' (DIR/train, DIR/val)
+    data_dir: str = 'data'
+    download: bool = False
+    limit_train: int | None = None        # use only N training images (quick checks / CI), spread over classes
+    limit_eval: int | None = None
+    fast_data: bool = True                # decode-once uint8 cache + batched augmentation (finetune/fastdata.py)
+    cache_dir: str | None = None          # where the fast-data cache goes (default: OUT/cache)
+    workers: int = 0
+    # model
+    model: str = 'resnet50'
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    v1_strides: bool = False
+    drop_rate: float = 0.0                # timm's own head dropout (after the pool); ignored with --rewrite
+    rewrite: bool = False
+    branch_drop_rate: float = 0.1
+    head_drop_rate: float = 0.2
+    branch_position: str = 'recommended'
+    head_position: str = 'before_pool'
+    # optimisation
+    optimizer: str = 'adamw'
+    lr: float = 1e-3                      # learning rate of the new head; the backbone gets lr * backbone_lr_mult
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.1
+    epochs: int = 6
+    batch_size: int = 32
+    grad_accum: int = 1
+    mixed_precision: str = 'no'
+    channels_last: bool = True           # on GPUs only (slower on CPU)
+    img_size: int | None = None
+    rrc_scale_min: float = 0.35           # RandomResizedCrop lower area bound; timm's 0.08 is harsh for few-shot
+    seed: int = 0
+    # output
+    output_dir: str = 'runs/finetune'
+    resume: str | None = None             # 'auto' = OUT/checkpoints, or a run / checkpoint folder
+    log_with: str = 'tensorboard'
+    keep_checkpoints: int = 1
+    base_model: str | None = None         # Hub id of the starting weights, for the model card
+    license: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """JSON text of the config (sorted keys, so equal configs give equal text)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> 'TrainConfig':
+        """Build from a dict; unknown keys are an error so a typo never passes silently."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f'unknown TrainConfig keys: {unknown}')
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> 'TrainConfig':
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> 'TrainConfig':
+        """Copy with some fields changed (``bench`` uses this for each variant and seed)."""
+        return dataclasses.replace(self, **changes)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Add every TrainConfig option to ``p`` (shared by ``train`` and ``bench``)."""
+    d = TrainConfig()
+    g = p.add_argument_group('data')
+    g.add_argument('--dataset', choices=('pets', 'imagefolder'), default=d.dataset)
+    g.add_argument('--data-dir', default=d.data_dir,
+                   help='pets: folder holding oxford-iiit-pet/ (e.g. ../shared/data/pets370); '
+                        'imagefolder: folder with train/ and val/')
+    g.add_argument('--download', action='store_true', help='let torchvision download Pets (needs network)')
+    g.add_argument('--limit-train', type=int, default=None, metavar='N')
+    g.add_argument('--limit-eval', type=int, default=None, metavar='N')
+    g.add_argument('--no-fast-data', dest='fast_data', action='store_false',
+                   help='use the per-image PIL/timm transform pipeline instead of the decode-once cache')
+    g.add_argument('--cache-dir', default=None)
+    g.add_argument('--workers', type=int, default=d.workers)
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default=d.model, help='any timm model name, including the *_dropfix variants')
+    g.add_argument('--pretrained', action='store_true', help="start from timm's pretrained weights")
+    g.add_argument('--pretrained-file', default=None, metavar='PATH',
+                   help='a .safetensors file or a save_for_hf folder (config.json + model.safetensors)')
+    g.add_argument('--v1-strides', action='store_true',
+                   help='ResNet v1 (stride on the first 1x1 conv), needed by Keras/Caffe ResNet-50 weights')
+    g.add_argument('--drop-rate', type=float, default=d.drop_rate, help="timm's head dropout (after the pool)")
+    g.add_argument('--rewrite', action='store_true', help='apply timm_dropfix.rewrite (dropout where the paper says)')
+    g.add_argument('--branch-drop-rate', type=float, default=d.branch_drop_rate)
+    g.add_argument('--head-drop-rate', type=float, default=d.head_drop_rate)
+    g.add_argument('--branch-position', choices=BRANCH_POSITIONS, default=d.branch_position)
+    g.add_argument('--head-position', choices=HEAD_POSITIONS, default=d.head_position)
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--optimizer', choices=('adamw', 'sgd'), default=d.optimizer)
+    g.add_argument('--lr', type=float, default=d.lr, help='head learning rate (per optimizer step)')
+    g.add_argument('--backbone-lr-mult', type=float, default=d.backbone_lr_mult)
+    g.add_argument('--weight-decay', type=float, default=d.weight_decay)
+    g.add_argument('--momentum', type=float, default=d.momentum)
+    g.add_argument('--warmup-epochs', type=float, default=d.warmup_epochs)
+    g.add_argument('--min-lr-ratio', type=float, default=d.min_lr_ratio)
+    g.add_argument('--label-smoothing', type=float, default=d.label_smoothing)
+    g.add_argument('--epochs', type=int, default=d.epochs)
+    g.add_argument('--batch-size', type=int, default=d.batch_size, help='per process')
+    g.add_argument('--grad-accum', type=int, default=d.grad_accum)
+    g.add_argument('--mixed-precision', choices=('no', 'bf16', 'fp16'), default=d.mixed_precision)
+    g.add_argument('--no-channels-last', dest='channels_last', action='store_false')
+    g.add_argument('--img-size', type=int, default=None)
+    g.add_argument('--rrc-scale-min', type=float, default=d.rrc_scale_min)
+    g.add_argument('--seed', type=int, default=d.seed)
+    g = p.add_argument_group('output')
+    g.add_argument('--output-dir', default=d.output_dir)
+    g.add_argument('--resume', nargs='?', const='auto', default=None, metavar='DIR',
+                   help='continue a run: no value = OUT/checkpoints, or a run/checkpoint folder')
+    g.add_argument('--log-with', choices=('tensorboard', 'none'), default=d.log_with)
+    g.add_argument('--keep-checkpoints', type=int, default=d.keep_checkpoints)
+    g.add_argument('--base-model', default=None, help='Hub id of the starting weights (model card base_model)')
+    g.add_argument('--license', default=None, help='license for the model card (default: that of the weights)')
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Pick the TrainConfig fields out of a parsed namespace (extra attributes such as ``command`` are ignored)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,176 @@
+"""Datasets as lists of ``(path, label)`` plus class names, and the timm transforms that read them.
+
+Two sources: Oxford-IIIT Pets through torchvision's ``OxfordIIITPet`` (the official trainval/test split files) and
+any ``ImageFolder`` layout (``DIR/train/<class>/*``, ``DIR/val/<class>/*``). Every image is opened once up front so a
+corrupt or truncated file is skipped and counted instead of crashing an epoch half way.
+
+Example:
+    >>> samples, classes = pets_samples('../shared/data/pets370', 'trainval')   # doctest: +SKIP
+    >>> len(samples), classes[0]                                                 # doctest: +SKIP
+    (185, 'Abyssinian')
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from .errors import FinetuneError
+
+_logger = logging.getLogger(__name__)
+
+Sample = tuple[str, int]
+
+
+def pets_samples(data_dir: str | Path, split: str, download: bool = False) -> tuple[list[Sample], list[str]]:
+    """Oxford-IIIT Pets ``split`` ('trainval' or 'test') as samples and the 37 class names.
+
+    Class names cover both split files, so a subset whose split lacks a breed still gets every name.
+    """
+    from torchvision.datasets import OxfordIIITPet
+    root = Path(data_dir)
+    try:
+        ds = OxfordIIITPet(str(root), split=split, target_types='category', download=download)
+        other = OxfordIIITPet(str(root), split='test' if split == 'trainval' else 'trainval', download=False)
+    except RuntimeError as e:  # torchvision says "Dataset not found ..."
+        raise FinetuneError(
+            f'Oxford-IIIT Pets not found under {root} (expected {root}/oxford-iiit-pet/images/*.jpg and '
+            f'{root}/oxford-iiit-pet/annotations/{{trainval,test}}.txt). Point --data-dir at an existing copy '
+            f'(e.g. ../shared/data/pets370) or add --download to fetch it (needs network). [{e}]') from None
+    except OSError as e:  # e.g. no network with --download
+        raise FinetuneError(f'could not download Oxford-IIIT Pets into {root}: {e}. Without network, point '
+                            f'--data-dir at an existing copy such as ../shared/data/pets370.') from None
+    # torchvision keeps the file list and labels in underscore attributes; they are the dataset's real content
+    # (its __getitem__ reads them) and are stable across torchvision releases.
+    names: dict[int, str] = {}
+    # torchvision's .classes only lists breeds present in that split, so name each label from its files
+    # with torchvision's own rule ('american_bulldog_12' -> 'American Bulldog').
+    for d in (ds, other):
+        for path, label in zip(d._images, d._labels):
+            names.setdefault(label, ' '.join(p.title() for p in Path(path).stem.rsplit('_', 1)[0].split('_')))
+    num_classes = max(names) + 1
+    classes = [names.get(i, f'class_{i}') for i in range(num_classes)]
+    samples = [(str(p), int(y)) for p, y in zip(ds._images, ds._labels)]
+    return samples, classes
+
+
+def imagefolder_samples(data_dir: str | Path) -> tuple[list[Sample], list[Sample], list[str]]:
+    """``DIR/train`` and ``DIR/val`` in torchvision ImageFolder layout; both must have the same classes."""
+    from torchvision.datasets import ImageFolder
+    root = Path(data_dir)
+    for sub in ('train', 'val'):
+        if not (root / sub).is_dir():
+            raise FinetuneError(f'--dataset imagefolder needs {root}/{sub}/<class>/<image> folders; '
+                                f'{root / sub} does not exist. Point --data-dir at the folder holding train/ and val/.')
+    try:
+        train, val = ImageFolder(str(root / 'train')), ImageFolder(str(root / 'val'))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise FinetuneError(f'no images found in {root}: {e}') from None
+    if train.classes != val.classes:
+        raise FinetuneError(f'{root}/train and {root}/val hold different class folders: '
+                            f'{sorted(set(train.classes) ^ set(val.classes))}')
+    return [(p, int(y)) for p, y in train.samples], [(p, int(y)) for p, y in val.samples], list(train.classes)
+
+
+def check_images(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
+    """Open every image fully once; return the readable samples and the paths that failed.
+
+    JPEGs are decoded at reduced scale (``Image.draft``), which still walks the whole file, so truncation is found
+    at a fraction of the cost of a full decode.
+    """
+    good, bad = [], []
+    for path, label in samples:
+        try:
+            with Image.open(path) as im:
+                im.draft('RGB', (64, 64))
+                im.load()
+            good.append((path, label))
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            _logger.warning('skipping unreadable image %s (%s)', path, e)
+            bad.append(path)
+    return good, bad
+
+
+def limit_samples(samples: Sequence[Sample], n: int | None) -> list[Sample]:
+    """First ``n`` samples taken round-robin over classes (deterministic), so a small budget still sees every class."""
+    if n is None or n >= len(samples):
+        return list(samples)
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    out: list[Sample] = []
+    queues = [list(v) for _, v in sorted(by_class.items())]
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """``(path, label)`` samples read with PIL and passed through a timm transform."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            img = im.convert('RGB')
+        return (self.transform(img) if self.transform else img), label
+
+
+@dataclass
+class SplitData:
+    """Readable samples of both splits, class names, and how many images were skipped as unreadable."""
+
+    train: list[Sample]
+    eval: list[Sample]
+    classes: list[str]
+    n_skipped: int
+    skipped: list[str]
+
+
+def load_samples(dataset: str, data_dir: str, download: bool = False, limit_train: int | None = None,
+                 limit_eval: int | None = None, check: bool = True) -> SplitData:
+    """Resolve a dataset name to train/eval sample lists (the one entry point ``train`` uses).
+
+    With ``check`` every image is opened once and unreadable ones are left out and counted.
+
+    Example:
+        >>> d = load_samples('pets', '../shared/data/pets370', limit_train=37)   # doctest: +SKIP
+        >>> len(d.train), len(d.classes)                                          # doctest: +SKIP
+        (37, 37)
+    """
+    if dataset == 'pets':
+        train, classes = pets_samples(data_dir, 'trainval', download)
+        evals, _ = pets_samples(data_dir, 'test', False)
+    elif dataset == 'imagefolder':
+        train, evals, classes = imagefolder_samples(data_dir)
+    else:
+        raise FinetuneError(f"unknown --dataset {dataset!r}: use 'pets' or 'imagefolder'")
+    train, evals = limit_samples(train, limit_train), limit_samples(evals, limit_eval)
+    bad_t, bad_e = [], []
+    if check:  # the fast-data cache decodes every image anyway and counts failures itself
+        train, bad_t = check_images(train)
+        evals, bad_e = check_images(evals)
+    if not train or not evals:
+        raise FinetuneError(f'no readable images left in {data_dir} (train {len(train)}, eval {len(evals)}; '
+                            f'{len(bad_t) + len(bad_e)} unreadable)')
+    return SplitData(train, evals, classes, len(bad_t) + len(bad_e), bad_t + bad_e)
+
+
+def build_transforms(data_config: dict, rrc_scale_min: float = 0.35) -> tuple[Callable, Callable]:
+    """timm train/eval transforms for a resolved data config (``timm.data.resolve_data_config``)."""
+    from timm.data import create_transform
+    train_tf = create_transform(**data_config, is_training=True, scale=(rrc_scale_min, 1.0))
+    eval_tf = create_transform(**data_config, is_training=False)
+    return train_tf, eval_tf
