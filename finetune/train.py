@@ -165,6 +165,7 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
             _logger.warning('resuming with changed options %s: the run will not match an uninterrupted one', changed)
 
     # ---- 2. data, optimizer, schedule --------------------------------------------------------------------
+    accelerator.wait_for_everyone()  # every process has validated before the first file is written
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / 'config.json', cfg.to_json())

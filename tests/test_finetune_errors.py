@@ -1,0 +1,87 @@
+"""finetune train on bad input (issue section 4): a clear message, exit code 2, and nothing half written."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from finetune.__main__ import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(['train', *argv])
+    return code, capsys.readouterr().err
+
+
+def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ['--model', 'resnet18', '--data-dir', str(data), '--output-dir', str(out), '--img-size', '32',
+            '--epochs', '1', '--batch-size', '8', '--log-with', 'none', *extra]
+
+
+def test_missing_data_says_where_to_point(tmp_path, capsys):
+    code, err = run_cli(capsys, *tiny_args(tmp_path / 'nothing_here', tmp_path / 'out'))
+    assert code == 2 and 'not found' in err and '--download' in err and '--data-dir' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_unknown_model(tiny_pets, tmp_path, capsys):
+    args = tiny_args(tiny_pets, tmp_path / 'out')
+    args[args.index('resnet18')] = 'resnet18_nonexistent'
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and 'unknown model' in err and 'resnet18' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_rewrite_unsupported_model(tiny_pets, tmp_path, capsys):
+    args = tiny_args(tiny_pets, tmp_path / 'out', '--rewrite')
+    args[args.index('resnet18')] = 'mobilenetv3_small_050'
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and '--rewrite does not support' in err and 'mobilenetv3_small_050' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_dataset_smaller_than_one_batch(tiny_pets, tmp_path, capsys):
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--limit-train', '5'))
+    assert code == 2 and 'fewer than one batch' in err and '--batch-size' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_unwritable_output_dir(tiny_pets, tmp_path, capsys):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, blocker / 'out'))
+    assert code == 2 and 'not a folder' in err
+    assert blocker.read_text() == 'not a folder'
+
+
+def test_bad_pretrained_file(tiny_pets, tmp_path, capsys):
+    bad = tmp_path / 'weights.safetensors'
+    bad.write_bytes(b'\x00' * 64)
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--pretrained-file', str(bad)))
+    assert code == 2 and 'could not build' in err
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--pretrained-file', str(tmp_path / 'x.pt')))
+    assert code == 2 and 'does not exist' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_existing_run_needs_resume_and_other_model_is_refused(tiny_pets, tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert main(['train', *tiny_args(tiny_pets, out)]) == 0
+    capsys.readouterr()
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, out))
+    assert code == 2 and '--resume' in err
+    before = {p: p.stat().st_mtime_ns for p in out.rglob('*')}
+    args = tiny_args(tiny_pets, out, '--resume')
+    args[args.index('resnet18')] = 'resnet34'
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and 'another model' in err and 'resnet18' in err and 'resnet34' in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before  # nothing touched
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'fresh', '--resume'))
+    assert code == 2 and 'no complete checkpoint' in err
+
+
+def test_imagefolder_missing_split(tmp_path, capsys):
+    (tmp_path / 'imgs' / 'train' / 'cat').mkdir(parents=True)
+    code, err = run_cli(capsys, '--dataset', 'imagefolder', *tiny_args(tmp_path / 'imgs', tmp_path / 'out'))
+    assert code == 2 and 'val' in err

@@ -1,0 +1,174 @@
+"""finetune train: the full train -> evaluate -> checkpoint -> resume -> save -> load-back cycle, on a tiny
+Pets-layout dataset and on the real pets370 subset, plus the 2-process path and unit checks."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from timm.data import create_transform, resolve_data_config
+
+import timm_dropfix
+from finetune.__main__ import build_parser
+from finetune.config import TrainConfig, config_from_args
+from finetune.data import load_samples
+from finetune.evaluate import classification_metrics, expected_calibration_error
+from finetune.train import _StopForTest, train, warmup_cosine
+
+FINAL_KEYS = ('top1', 'top5', 'mean_class_acc', 'nll', 'ece')
+
+
+def tiny_cfg(data_dir: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(model='resnet18', data_dir=str(data_dir), output_dir=str(out), img_size=32, epochs=2, batch_size=8,
+                lr=3e-3, backbone_lr_mult=1.0, warmup_epochs=0.5, log_with='tensorboard')
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def timm_eval(model_dir: Path, samples) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """Load a saved folder the way a user would and evaluate it with timm's own PIL transforms."""
+    model = timm.create_model(f'local-dir:{model_dir}', pretrained=True).eval()
+    tf = create_transform(**resolve_data_config({}, model=model))
+    with torch.no_grad():
+        x = torch.stack([tf(Image.open(p).convert('RGB')) for p, _ in samples])
+        logits = model(x)
+    return logits, torch.tensor([y for _, y in samples]), model
+
+
+@pytest.fixture(scope='module')
+def rewritten_run(tiny_pets, tmp_path_factory):
+    """One uninterrupted 2-epoch run with --rewrite, shared by the tests below."""
+    out = tmp_path_factory.mktemp('run') / 'full'
+    cfg = tiny_cfg(tiny_pets, out, rewrite=True)
+    return cfg, train(cfg)
+
+
+def test_outputs_and_load_back(rewritten_run, tiny_pets):
+    cfg, metrics = rewritten_run
+    out = Path(cfg.output_dir)
+    saved = json.loads((out / 'metrics.json').read_text())
+    for k in FINAL_KEYS:
+        assert 0 <= saved[k] and math.isfinite(saved[k])
+    assert len(saved['history']) == 2 and saved['images_per_second'] > 0 and saved['wall_seconds'] > 0
+    assert saved['top1'] >= 0.75, saved  # 4 colour-coded classes: learnable in 2 epochs
+    assert (out / 'history.csv').read_text().count('\n') == 3
+    assert (out / 'confusion_matrix.png').stat().st_size > 1000
+    assert list((out / 'tensorboard').rglob('events.out.tfevents*'))
+    assert (out / 'checkpoints' / 'LATEST').read_text().strip() == 'epoch_0001'
+
+    model_dir = out / 'model'
+    hf = json.loads((model_dir / 'config.json').read_text())
+    assert hf['architecture'] == 'resnet18_dropfix'  # the twin carries the dropout placement
+    assert hf['label_names'] == ['Abyssinian', 'Beagle', 'Bengal', 'Pug']
+    pcfg = hf['pretrained_cfg']
+    assert pcfg['input_size'] == [3, 32, 32] and 'test_input_size' not in pcfg
+    card = (model_dir / 'README.md').read_text()
+    assert 'library_name: timm' in card and 'model-index' in card and f"{saved['top1']:.4f}" in card
+
+    # a user's reload with timm's own transforms reproduces the reported accuracy, dropout placement included
+    split = load_samples('pets', str(tiny_pets))
+    logits, targets, model = timm_eval(model_dir, split.eval)
+    again = classification_metrics(logits, targets)
+    assert again['top1'] == pytest.approx(saved['top1'], abs=1e-6)
+    assert again['nll'] == pytest.approx(saved['nll'], abs=2e-3)
+    assert timm_dropfix.dropfix_config(model) == dict(branch_drop_rate=0.1, head_drop_rate=0.2,
+                                                      branch_position='recommended', head_position='before_pool')
+
+
+def test_resume_continues_exactly(rewritten_run, tiny_pets, tmp_path):
+    cfg_full, full = rewritten_run
+    out = tmp_path / 'interrupted'
+    cfg = tiny_cfg(tiny_pets, out, rewrite=True)
+    with pytest.raises(_StopForTest):
+        train(cfg, stop_after_epoch=1)
+    assert not (out / 'metrics.json').exists() and not (out / 'model').exists()
+    resumed = train(cfg.replace(resume='auto'))
+    assert [h['train_loss'] for h in resumed['history']] == [h['train_loss'] for h in full['history']]
+    for k in FINAL_KEYS:
+        assert resumed[k] == full[k], k
+    a = load_file(str(Path(cfg_full.output_dir) / 'model' / 'model.safetensors'))
+    b = load_file(str(out / 'model' / 'model.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize('fast', [True, False], ids=['fastdata', 'pil'])
+def test_corrupt_images_are_skipped_and_counted(tiny_pets, tmp_path, fast):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_pets, data)
+    images = sorted((data / 'oxford-iiit-pet' / 'images').glob('*.jpg'))
+    raw = images[0].read_bytes()
+    images[0].write_bytes(raw[: len(raw) // 2])       # truncated
+    images[1].write_bytes(b'this is not a jpeg')       # corrupt
+    m = train(tiny_cfg(data, tmp_path / 'out', epochs=1, fast_data=fast, log_with='none'))
+    assert m['n_skipped'] == 2
+    assert m['n_train'] + m['n_eval'] == 48 - (0 if fast else 2)  # PIL path drops them before counting
+    assert (tmp_path / 'out' / 'model' / 'model.safetensors').is_file()
+
+
+def test_pets370_real_data(shared_dir, tmp_path):
+    """The shared ImageNet ResNet-50 (v1 strides) with --rewrite on real Pets images, tiny budget."""
+    weights = shared_dir / 'weights' / 'resnet50_keras_in1k'
+    cfg = TrainConfig(model='resnet50', pretrained_file=str(weights), v1_strides=True, rewrite=True,
+                      data_dir=str(shared_dir / 'data' / 'pets370'), img_size=64, epochs=1, batch_size=16,
+                      limit_train=37, limit_eval=37, output_dir=str(tmp_path / 'pets'), log_with='none')
+    m = train(cfg)
+    assert m['n_train'] == 37 and m['n_eval'] == 37 and m['n_skipped'] == 0
+    hf = json.loads((tmp_path / 'pets' / 'model' / 'config.json').read_text())
+    assert hf['architecture'] == 'resnet50_dropfix' and hf['model_args']['v1_strides'] is True
+    assert hf['num_classes'] == 37 and hf['label_names'][0] == 'Abyssinian'
+    assert hf['pretrained_cfg']['interpolation'] == 'bilinear' and hf['pretrained_cfg']['crop_pct'] == 0.875
+    assert hf['pretrained_cfg']['license'] == 'mit'
+    split = load_samples('pets', cfg.data_dir, limit_eval=37)
+    logits, targets, model = timm_eval(tmp_path / 'pets' / 'model', split.eval)
+    assert model.layer2[0].conv1.stride == (2, 2) and model.layer2[0].conv2.stride == (1, 1)
+    assert classification_metrics(logits, targets)['top1'] == pytest.approx(m['top1'], abs=1e-6)
+
+
+def _two_process_job(data_dir: str, out: str) -> None:
+    from accelerate.state import AcceleratorState
+    # the forked worker inherits this pytest process's single-process accelerate state; start from scratch
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(1)
+    train(tiny_cfg(Path(data_dir), Path(out), epochs=1, batch_size=4, log_with='none'))
+
+
+def test_two_processes_debug_launcher(tiny_pets, tmp_path):
+    from accelerate import debug_launcher
+    debug_launcher(_two_process_job, args=(str(tiny_pets), str(tmp_path / 'ddp')), num_processes=2)
+    m = json.loads((tmp_path / 'ddp' / 'metrics.json').read_text())
+    assert m['num_processes'] == 2
+    assert m['n_eval'] == 16 and m['history'][0]['train_images'] == 32  # 2 processes x 4 steps x 4 images
+    split = load_samples('pets', str(tiny_pets))
+    logits, targets, _ = timm_eval(tmp_path / 'ddp' / 'model', split.eval)
+    # every eval image counted once (gather_for_metrics drops the padding)
+    assert classification_metrics(logits, targets)['top1'] == pytest.approx(m['top1'], abs=1e-6)
+
+
+def test_config_json_roundtrip_and_cli():
+    args = build_parser().parse_args(['train', '--model', 'resnet34', '--rewrite', '--head-position', 'after_pool',
+                                      '--img-size', '96', '--no-fast-data', '--resume'])
+    cfg = config_from_args(args)
+    assert (cfg.model, cfg.rewrite, cfg.head_position, cfg.img_size, cfg.fast_data, cfg.resume) == \
+        ('resnet34', True, 'after_pool', 96, False, 'auto')
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match='unknown'):
+        TrainConfig.from_dict({'modle': 'x'})
+
+
+def test_metrics_and_schedule():
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 2.0], [2.0, 0.0, 0.0]])
+    y = torch.tensor([0, 1, 1, 2])
+    m = classification_metrics(logits, y)
+    assert m['top1'] == pytest.approx(0.5) and m['mean_class_acc'] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert m['nll'] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item())
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
+    # two bins: conf 0.9 correct (|1-0.9|) and conf 0.6 wrong (|0-0.6|), each half of the samples
+    assert expected_calibration_error(probs, torch.tensor([0, 1])) == pytest.approx(0.5 * 0.1 + 0.5 * 0.6)
+    f = warmup_cosine(100, 10, 0.01)
+    assert f(0) < f(5) < f(9) <= 1.0 and f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.01)
