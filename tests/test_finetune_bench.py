@@ -1,0 +1,66 @@
+"""finetune bench: a tiny grid, its summary statistics, and resuming without repeating finished runs."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from finetune.bench import VARIANTS, paired_difference, results_markdown, run_bench, t975
+from finetune.config import TrainConfig
+from finetune.errors import FinetuneError
+
+
+def test_paired_difference_t_interval():
+    d = paired_difference({0: 0.70, 1: 0.74, 2: 0.75}, {0: 0.68, 1: 0.70, 2: 0.74})
+    diffs = [0.02, 0.04, 0.01]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
+    assert d['mean'] == pytest.approx(mean) and d['std'] == pytest.approx(sd)
+    assert d['ci95'] == pytest.approx([mean - 4.303 * sd / math.sqrt(3), mean + 4.303 * sd / math.sqrt(3)])
+    assert paired_difference({0: 1.0}, {1: 1.0})['n'] == 0  # no common seed, no comparison
+    assert t975(1) == 12.706 and t975(22) == 2.086 and t975(1000) == 1.96
+
+
+def test_bench_grid_and_resume(tiny_pets, tmp_path):
+    # timm's 0.4M-parameter test_resnet (BasicBlock + Bottleneck stages) keeps 6 runs cheap
+    base = TrainConfig(model='test_resnet', data_dir=str(tiny_pets), output_dir=str(tmp_path / 'bench'), img_size=32,
+                       epochs=1, batch_size=16, lr=3e-3, backbone_lr_mult=1.0, log_with='none')
+    variants = ['timm_default', 'recommended']
+    res = run_bench(base, variants, seeds=[0, 1])
+    out = tmp_path / 'bench'
+    saved = json.loads((out / 'results.json').read_text())
+    assert saved == json.loads(json.dumps(res))
+    assert set(saved['variants']) == set(variants) and saved['baseline'] == 'timm_default'
+    for name in variants:
+        seeds = saved['variants'][name]['seeds']
+        assert set(seeds) == {'0', '1'}
+        run_cfg = json.loads((out / 'runs' / name / 'seed_0' / 'config.json').read_text())
+        for k, v in VARIANTS[name][0].items():
+            assert run_cfg[k] == v
+    c = saved['comparisons']['recommended']['top1']
+    per_seed = [saved['variants']['recommended']['seeds'][s]['top1'] - saved['variants']['timm_default']['seeds'][s]['top1']
+                for s in ('0', '1')]
+    assert c['n'] == 2 and c['diffs'] == pytest.approx(per_seed) and c['ci95'][0] <= c['mean'] <= c['ci95'][1]
+    md = (out / 'results.md').read_text()
+    assert '| recommended |' in md and '(baseline)' in md and '+-' in md
+    assert (out / 'results.png').stat().st_size > 1000
+
+    # resume: one run "crashed" after its checkpoint (no metrics.json); a new seed was added
+    done = out / 'runs' / 'recommended' / 'seed_0' / 'metrics.json'
+    mtime = done.stat().st_mtime_ns
+    (out / 'runs' / 'recommended' / 'seed_1' / 'metrics.json').unlink()
+    shutil.rmtree(out / 'runs' / 'recommended' / 'seed_1' / 'model')
+    res2 = run_bench(base, variants[1:], seeds=[0, 1, 2], baseline='recommended')
+    assert done.stat().st_mtime_ns == mtime  # finished runs are not repeated
+    assert res2['variants']['recommended']['seeds']['1'] == res['variants']['recommended']['seeds']['1']
+    assert res2['variants']['recommended']['n'] == 3 and res2['comparisons'] == {}
+    assert '(baseline)' in results_markdown(res2)
+
+
+def test_bench_rejects_unknown_variant(tmp_path):
+    with pytest.raises(FinetuneError, match='unknown bench variant'):
+        run_bench(TrainConfig(output_dir=str(tmp_path)), ['timm_default', 'nope'], [0])
+    with pytest.raises(FinetuneError, match='--baseline'):
+        run_bench(TrainConfig(output_dir=str(tmp_path)), ['none'], [0])
