@@ -1,0 +1,654 @@
+"""Fine-tuning throughput: the loop people copy (accelerate's ``cv_example.py``) against the toolkit's data path.
+
+In one run on one machine, with repeats:
+
+(a) **baseline**, written the way accelerate's ``examples/cv_example.py`` is: a ``Dataset`` that opens and decodes
+    each JPEG with PIL and runs ``RandomResizedCrop`` + ``ToTensor`` every epoch, a default ``DataLoader``
+    (``shuffle=True``, no pinned memory, workers restarted each epoch), normalization on the device, fp32, NCHW.
+    (cv_example freezes the backbone; here both paths train every layer, so the model work is the same.)
+(b) **toolkit** (``finetune/fastdata.py``): decode-once uint8 cache, ``BatchAugment`` (on the GPU, or inside the
+    loader workers on CPU), pinned memory and persistent workers, channels_last, bf16 autocast where it is fast
+    (CUDA with bf16, or a CPU with AMX).
+
+Measured: images/s of the loader alone (model-ready normalized float batches on the device, augmentation
+included), images/s of whole training steps (loader + forward + backward + optimizer), epoch wall time, peak
+memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh process running the same config, plus the
+bytes autograd saves for backward), for resnet50 at 224 px and at a CPU-friendly size; and the cost of the
+recommended dropout placement (``timm_dropfix.rewrite`` defaults) against the same resnet50 without dropout.
+
+Profiles: ``--quick`` (< 3 min on 2 CPU cores; last line ``loader_speedup=X step_speedup=Y
+dropfix_step_overhead=Z``), default (more repeats), ``--gpu`` (CUDA only, < 5 min on one H100; adds
+preresnet101_dropfix and the measured matmul TFLOP/s for scale). Results go to
+``benchmarks/results/throughput_<profile>.json`` and ``.md``.
+
+Example::
+
+    python benchmarks/throughput.py --quick
+    python benchmarks/throughput.py --gpu
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, RandomSampler  # noqa: E402
+
+from _common import RESULTS_DIR, command_line, mean_std, shared_dir, utc_now, write_result  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # resnet50's pretrained_cfg values
+RRC_SCALE = (0.5, 1.0)  # cv_example's RandomResizedCrop scale, used by both paths
+
+# sizes: (img_size, batch) pairs; the first is the headline (224 px). steps: timed steps per chunk,
+# chunks: interleaved baseline/toolkit chunks. dropfix_pairs: interleaved (no dropout, dropout) step pairs.
+PROFILES: dict[str, dict[str, Any]] = {
+    'quick': dict(sizes=[(224, 4), (112, 8)], loader_batch=32, loader_repeats=3, epoch_images=370,
+                  steps=2, chunks=1, dropfix_size=(112, 8), dropfix_pairs=4, memory_sizes=[(112, 8)],
+                  models=['resnet50'], workers=2),
+    'default': dict(sizes=[(224, 16), (128, 16)], loader_batch=32, loader_repeats=5, epoch_images=370,
+                    steps=3, chunks=2, dropfix_size=(128, 16), dropfix_pairs=8,
+                    memory_sizes=[(224, 16), (128, 16)], models=['resnet50'], workers=2),
+    # a seconds-long run of every code path (development and tests), not a measurement
+    'smoke': dict(sizes=[(64, 2)], loader_batch=8, loader_repeats=1, epoch_images=16, steps=1, chunks=1,
+                  dropfix_size=(64, 2), dropfix_pairs=1, memory_sizes=[(64, 2)], models=['resnet50'], workers=1),
+    'gpu': dict(sizes=[(224, 128), (160, 128)], loader_batch=128, loader_repeats=3, epoch_images=2560,
+                steps=15, chunks=2, dropfix_size=(224, 128), dropfix_pairs=20, memory_sizes=[],
+                models=['resnet50', 'preresnet101_dropfix'], workers=8),
+}
+
+
+# ----------------------------------------------------------------------------------------------- data
+def pets_samples(root: Path) -> list[tuple[str, int]]:
+    """All pets370 images (trainval + test) as ``(path, class_id)``; a throughput run needs no split."""
+    pets = root / 'oxford-iiit-pet'
+    samples = []
+    for split in ('trainval', 'test'):
+        for line in (pets / 'annotations' / f'{split}.txt').read_text().splitlines():
+            if line.strip():
+                name, cls = line.split()[:2]
+                samples.append((str(pets / 'images' / f'{name}.jpg'), int(cls) - 1))
+    return samples
+
+
+class PetsDataset(Dataset):
+    """cv_example.py's dataset: PIL open + convert + transform on every access."""
+
+    def __init__(self, samples: list[tuple[str, int]], image_transform: Callable):
+        self.samples, self.image_transform = samples, image_transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        path, label = self.samples[idx]
+        image = Image.open(path).convert('RGB')
+        return {'image': self.image_transform(image), 'label': label}
+
+
+def baseline_loader(samples, img_size: int, batch: int, workers: int, epoch_images: int, seed: int) -> DataLoader:
+    from torchvision.transforms import Compose, RandomResizedCrop, ToTensor
+    ds = PetsDataset(samples, Compose([RandomResizedCrop(img_size, scale=RRC_SCALE), ToTensor()]))
+    g = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(ds, num_samples=epoch_images, generator=g)  # == shuffle=True when sizes match
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers)
+
+
+class _Resampled(Dataset):
+    """Index a dataset modulo its length (lets a GPU epoch be longer than 370 images); keeps batched reads."""
+
+    def __init__(self, ds, n: int):
+        self.ds, self.n = ds, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return self.ds[i % len(self.ds)]
+
+    def __getitems__(self, idx):
+        return self.ds.__getitems__([i % len(self.ds) for i in idx])
+
+
+def toolkit_loader(cache_path: Path, img_size: int, batch: int, workers: int, epoch_images: int, seed: int,
+                   device: torch.device) -> tuple[DataLoader, Optional[torch.nn.Module]]:
+    """Cached loader; returns (loader, augment to run on the device or None when the workers run it)."""
+    from finetune.fastdata import BatchAugment, CachedDataset, make_fast_loader
+    aug = BatchAugment(img_size, MEAN, STD, train=True, scale=RRC_SCALE, channels_last=True)
+    ds = CachedDataset(cache_path)
+    if epoch_images != len(ds):
+        ds = _Resampled(ds, epoch_images)
+    on_cpu = device.type == 'cpu'
+    # on CPU the workers augment (in parallel to the step, as PIL transforms would); on a GPU the GPU does
+    loader = make_fast_loader(ds, batch, shuffle=True, num_workers=workers, pin_memory=True,
+                              persistent_workers=True, seed=seed, batch_transform=aug if on_cpu else None)
+    return loader, (None if on_cpu else aug.to(device))
+
+
+def to_model_input(path: str, batch, device: torch.device, aug) -> tuple[torch.Tensor, torch.Tensor]:
+    """One loader batch -> (normalized float input on the device, labels), as each path's loop does it."""
+    if path == 'baseline':  # cv_example: move, then (x - mean) / std on the device
+        x = batch['image'].to(device)
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        return (x - mean) / std, batch['label'].to(device)
+    images, labels = batch
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    if aug is not None:
+        images = aug(images)
+    return images, labels
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """bf16 autocast only where it is faster than fp32: CUDA with bf16, or a CPU with AMX tiles."""
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported()
+    try:
+        return 'amx_bf16' in Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return False
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> Optional[list[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    mean, std = mean_std(values)
+    return {'mean': mean, 'std': std, 'min': min(values), 'max': max(values), 'n': len(values),
+            'values': [round(v, 4) for v in values]}
+
+
+def make_model(name: str, device: torch.device, toolkit: bool, dropout: Optional[bool] = None) -> torch.nn.Module:
+    import timm
+    import timm_dropfix
+    model = timm.create_model(name, num_classes=37)
+    if dropout:
+        timm_dropfix.rewrite(model)  # the recommended placement, default rates
+    model.to(device).train()
+    if toolkit:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class Trainer:
+    """One training step as each path writes it (fp32 NCHW, or channels_last + bf16 autocast when fast)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, toolkit: bool):
+        self.model, self.device, self.toolkit = model, device, toolkit
+        self.bf16 = toolkit and fast_bf16(device)
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.toolkit and not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def endless(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+# ----------------------------------------------------------------------------------------------- measurements
+def measure_loader(path: str, loader: DataLoader, device: torch.device, aug, repeats: int) -> dict[str, Any]:
+    """Epochs of the loader alone (to model-ready input on the device). One untimed warm-up epoch first."""
+    rates, times = [], []
+    for r in range(repeats + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        n = 0
+        for batch in loader:
+            x, _ = to_model_input(path, batch, device, aug)
+            n += x.shape[0]
+        sync(device)
+        dt = time.perf_counter() - t0
+        if r > 0:  # the baseline restarts its workers every epoch anyway; the toolkit's persist
+            rates.append(n / dt)
+            times.append(dt)
+    return {'images_per_s': summary(rates), 'epoch_s': summary(times), 'epoch_images': n}
+
+
+def measure_steps(paths: dict[str, tuple], device: torch.device, steps: int, chunks: int) -> dict[str, Any]:
+    """Interleaved chunks of whole training steps (fetch + augment + forward + backward + optimizer step).
+
+    Each chunk starts a fresh loader iterator and runs one untimed warm-up step, then ``steps`` timed ones;
+    baseline and toolkit chunks alternate so slow drifts of a shared machine hit both alike.
+    """
+    rates: dict[str, list[float]] = {p: [] for p in paths}
+    for _ in range(chunks):
+        for path, (loader, aug, trainer) in paths.items():
+            it = endless(loader)
+            x, y = to_model_input(path, next(it), device, aug)
+            trainer.step(x, y)
+            sync(device)
+            t0 = time.perf_counter()
+            n = 0
+            for _ in range(steps):
+                x, y = to_model_input(path, next(it), device, aug)
+                trainer.step(x, y)
+                n += x.shape[0]
+            sync(device)
+            rates[path].append(n / (time.perf_counter() - t0))
+            del it
+    return {p: {'images_per_s': summary(v)} for p, v in rates.items()}
+
+
+def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int) -> dict[str, Any]:
+    """Step time of resnet50 without dropout vs with the recommended placement, on the same fixed batch,
+    in interleaved pairs (order alternating), both in the toolkit configuration."""
+    torch.manual_seed(0)
+    off = make_model('resnet50', device, toolkit=True, dropout=False)
+    on = make_model('resnet50', device, toolkit=True, dropout=True)
+    on.load_state_dict(off.state_dict())
+    trainers = {'no_dropout': Trainer(off, device, True), 'dropfix': Trainer(on, device, True)}
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 37, (batch,), device=device)
+    times: dict[str, list[float]] = {k: [] for k in trainers}
+    for k in trainers:  # warm-up
+        trainers[k].step(x, y)
+    for p in range(pairs):
+        order = list(trainers) if p % 2 == 0 else list(reversed(trainers))
+        for k in order:
+            sync(device)
+            t0 = time.perf_counter()
+            trainers[k].step(x, y)
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    ratios = [b / a - 1.0 for a, b in zip(times['no_dropout'], times['dropfix'])]
+    return {'size': size, 'batch': batch, 'step_s': {k: summary(v) for k, v in times.items()},
+            'overhead_per_pair': summary(ratios), 'overhead_median': statistics.median(ratios)}
+
+
+def saved_activation_bytes(model: torch.nn.Module, trainer: Trainer, x, y) -> int:
+    """Bytes of distinct tensors autograd saves for backward in one step (what dropout masks add to)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.step(x, y)
+    return sum(seen.values())
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f'{field} not in /proc/self/status')
+
+
+def child_memory(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: set up one config, reset the peak-RSS mark, run one step, read the peak.
+
+    (``ru_maxrss`` is no use here: Linux carries it over fork + exec from the parent benchmark process.)
+    ``peak_mem`` = peak RSS during the step minus the RSS right after the imports, i.e. model, gradients, Adam
+    state, data and activations, the CPU counterpart of CUDA's ``max_memory_allocated``.
+    """
+    import psutil
+    device = torch.device('cpu')
+    rss_libs = _proc_status_bytes('VmRSS')
+    torch.manual_seed(0)
+    out: dict[str, Any] = {}
+    loader = it = None
+    if cfg['kind'] == 'dropfix':
+        model = make_model('resnet50', device, toolkit=True, dropout=cfg['dropout'])
+        trainer = Trainer(model, device, True)
+        x = torch.randn(cfg['batch'], 3, cfg['size'], cfg['size']).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 37, (cfg['batch'],))
+    else:
+        toolkit = cfg['path'] == 'toolkit'
+        model = make_model('resnet50', device, toolkit=toolkit)
+        trainer = Trainer(model, device, toolkit)
+        if toolkit:
+            loader, aug = toolkit_loader(Path(cfg['cache']), cfg['size'], cfg['batch'], cfg['workers'],
+                                         cfg['epoch_images'], 0, device)
+        else:
+            loader = baseline_loader(pets_samples(Path(cfg['root'])), cfg['size'], cfg['batch'], cfg['workers'],
+                                     cfg['epoch_images'], 0)
+            aug = None
+        it = iter(loader)
+        x, y = to_model_input(cfg['path'], next(it), device, aug)
+    gc.collect()
+    out['rss_before_step'] = _proc_status_bytes('VmRSS')
+    Path('/proc/self/clear_refs').write_text('5')  # resets VmHWM (the peak RSS) to the current RSS
+    out['saved_activation_bytes'] = saved_activation_bytes(model, trainer, x, y)
+    out['peak_rss'] = _proc_status_bytes('VmHWM')
+    out['rss_after_imports'] = rss_libs
+    out['peak_mem'] = out['peak_rss'] - rss_libs
+    if it is not None:
+        # unique memory of the loader workers (the cache pages are shared page cache, not counted)
+        out['workers_uss'] = sum(c.memory_full_info().uss for c in psutil.Process().children(recursive=True))
+    return out
+
+
+def run_child(cfg: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, '--_child', json.dumps(cfg)], capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f'memory child {cfg} failed:\n{proc.stderr[-3000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def gpu_memory(fn: Callable[[], None], device: torch.device) -> int:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, iters: int = 50) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+# ----------------------------------------------------------------------------------------------- main
+def run(profile: str, out_dir: Path, seed: int, workers: Optional[int]) -> dict[str, Any]:
+    prof = dict(PROFILES[profile])
+    if workers is not None:
+        prof['workers'] = workers
+    device = torch.device('cuda' if profile == 'gpu' else 'cpu')
+    root = shared_dir() / 'data' / 'pets370'
+    samples = pets_samples(root)
+    result: dict[str, Any] = {'profile': profile, 'settings': prof, 'device': str(device),
+                              'cpu_model': cpu_model(), 'cpu_cores': os.cpu_count(),
+                              'torch_threads': torch.get_num_threads(), 'load_average_start': load_average(),
+                              'n_source_images': len(samples), 'bf16_autocast_toolkit': fast_bf16(device)}
+    if device.type == 'cuda':
+        result['gpu'] = torch.cuda.get_device_name(0)
+        torch.backends.cudnn.benchmark = True
+        result['matmul_tflops'] = {'bf16': matmul_tflops(device, torch.bfloat16),
+                                   'fp32': matmul_tflops(device, torch.float32)}
+        print(f"matmul TFLOP/s: {result['matmul_tflops']}", flush=True)
+
+    from finetune.fastdata import build_cache
+    cache_dir = Path(tempfile.mkdtemp(prefix='throughput-cache-'))
+    try:
+        per_size = []
+        for si, (size, batch) in enumerate(prof['sizes']):
+            short = math.floor(size / 0.875)
+            info = build_cache(samples, short, cache_dir)  # timed: a cold build in a fresh folder
+            entry: dict[str, Any] = {'img_size': size, 'batch': batch, 'cache_short_side': short,
+                                     'cache_build_s': info.build_seconds, 'cache_images': info.n_images,
+                                     'cache_skipped': info.n_skipped}
+            print(f'[{size}px] cache built in {info.build_seconds:.1f}s', flush=True)
+            # loader alone, with a batch size typical for the device
+            lb, ep = prof['loader_batch'], prof['epoch_images']
+            base = baseline_loader(samples, size, lb, prof['workers'], ep, seed)
+            tk, aug = toolkit_loader(info.path, size, lb, prof['workers'], ep, seed, device)
+            entry['loader'] = {'batch': lb,
+                               'baseline': measure_loader('baseline', base, device, None, prof['loader_repeats']),
+                               'toolkit': measure_loader('toolkit', tk, device, aug, prof['loader_repeats'])}
+            lo = entry['loader']
+            lo['speedup'] = lo['toolkit']['images_per_s']['mean'] / lo['baseline']['images_per_s']['mean']
+            print(f"[{size}px] loader img/s baseline {lo['baseline']['images_per_s']['mean']:.0f} "
+                  f"toolkit {lo['toolkit']['images_per_s']['mean']:.0f} (x{lo['speedup']:.1f})", flush=True)
+            del base, tk
+            gc.collect()
+            # whole training steps, per model
+            entry['steps'] = {}
+            for mi, name in enumerate(prof['models']):
+                torch.manual_seed(seed)
+                paths = {}
+                if name == 'resnet50':  # the baseline loop is only run for the model cv_example uses
+                    paths['baseline'] = (baseline_loader(samples, size, batch, prof['workers'], ep, seed), None,
+                                         Trainer(make_model(name, device, False), device, False))
+                tk, aug = toolkit_loader(info.path, size, batch, prof['workers'], ep, seed, device)
+                paths['toolkit'] = (tk, aug, Trainer(make_model(name, device, True), device, True))
+                st = measure_steps(paths, device, prof['steps'], prof['chunks'])
+                for p in st:
+                    st[p]['epoch_s_estimate'] = ep / st[p]['images_per_s']['mean']
+                if 'baseline' in st:
+                    st['speedup'] = st['toolkit']['images_per_s']['mean'] / st['baseline']['images_per_s']['mean']
+                if device.type == 'cuda':  # peak memory of one more step per path, measured in-process
+                    for p, (loader, a, trainer) in paths.items():
+                        def one_step(p=p, loader=loader, a=a, trainer=trainer):
+                            x, y = to_model_input(p, next(iter(loader)), device, a)
+                            trainer.step(x, y)
+                        st[p]['peak_mem_bytes'] = gpu_memory(one_step, device)
+                entry['steps'][name] = st
+                print(f"[{size}px] {name} step img/s " + ', '.join(
+                    f"{p} {st[p]['images_per_s']['mean']:.2f}" for p in paths), flush=True)
+                del paths, tk
+                gc.collect()
+                if device.type == 'cuda':
+                    torch.cuda.empty_cache()
+            if device.type == 'cuda' and size == prof['sizes'][0][0]:
+                # real epoch wall time (the CPU profiles estimate it from step throughput)
+                for p in ('baseline', 'toolkit'):
+                    if p == 'baseline':
+                        loader, a = baseline_loader(samples, size, batch, prof['workers'], ep, seed), None
+                    else:
+                        loader, a = toolkit_loader(info.path, size, batch, prof['workers'], ep, seed, device)
+                    trainer = Trainer(make_model('resnet50', device, p == 'toolkit'), device, p == 'toolkit')
+                    sync(device)
+                    t0 = time.perf_counter()
+                    for b in loader:
+                        trainer.step(*to_model_input(p, b, device, a))
+                    sync(device)
+                    entry['steps']['resnet50'][p]['epoch_s_measured'] = time.perf_counter() - t0
+                    del loader, trainer
+                    gc.collect()
+            if (size, batch) in [tuple(m) for m in prof['memory_sizes']]:
+                for p in ('baseline', 'toolkit'):
+                    entry['steps']['resnet50'][p]['memory'] = run_child(
+                        {'kind': 'path', 'path': p, 'size': size, 'batch': batch, 'workers': prof['workers'],
+                         'epoch_images': ep, 'cache': str(info.path), 'root': str(root)})
+                    print(f"[{size}px] {p} peak memory "
+                          f"{entry['steps']['resnet50'][p]['memory']['peak_mem'] / 2**20:.0f} MiB", flush=True)
+            per_size.append(entry)
+        result['sizes'] = per_size
+
+        # dropout cost
+        dsize, dbatch = prof['dropfix_size']
+        dro = measure_dropfix_time(dsize, dbatch, device, prof['dropfix_pairs'])
+        if device.type == 'cuda':
+            for k, flag in (('no_dropout', False), ('dropfix', True)):
+                m = make_model('resnet50', device, True, dropout=flag)
+                tr = Trainer(m, device, True)
+                x = torch.randn(dbatch, 3, dsize, dsize, device=device).contiguous(memory_format=torch.channels_last)
+                y = torch.randint(0, 37, (dbatch,), device=device)
+                tr.step(x, y)
+                dro.setdefault('memory', {})[k] = {'peak_mem_bytes': gpu_memory(lambda: tr.step(x, y), device)}
+                del m, tr
+            mem_key = 'peak_mem_bytes'
+        else:
+            dro['memory'] = {k: run_child({'kind': 'dropfix', 'dropout': flag, 'size': dsize, 'batch': dbatch})
+                             for k, flag in (('no_dropout', False), ('dropfix', True))}
+            mem_key = 'peak_mem'
+        mem = dro['memory']
+        dro['peak_mem_overhead'] = mem['dropfix'][mem_key] / mem['no_dropout'][mem_key] - 1.0
+        if 'saved_activation_bytes' in mem['dropfix']:
+            dro['saved_activation_overhead'] = (mem['dropfix']['saved_activation_bytes']
+                                                / mem['no_dropout']['saved_activation_bytes'] - 1.0)
+        result['dropfix'] = dro
+        print(f"dropfix step overhead {dro['overhead_median']:+.3f} (median of {prof['dropfix_pairs']} pairs), "
+              f"peak memory {dro['peak_mem_overhead']:+.3f}", flush=True)
+
+        if device.type == 'cuda' and 'preresnet101_dropfix' in prof['models']:
+            r = result['sizes'][0]['steps']['preresnet101_dropfix']['toolkit']['images_per_s']['mean']
+            result['preresnet101_dropfix_224_img_s'] = r
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    result['load_average_end'] = load_average()
+    head = result['sizes'][0]
+    result['headline'] = {
+        'loader_speedup': head['loader']['speedup'],
+        'step_speedup': head['steps']['resnet50']['speedup'],
+        'dropfix_step_overhead': result['dropfix']['overhead_median'],
+        'dropfix_peak_mem_overhead': result['dropfix']['peak_mem_overhead'],
+        'at': f"{head['img_size']} px (loader, steps); dropfix at {dsize} px",
+    }
+    return result
+
+
+def targets(result: dict[str, Any]) -> dict[str, bool]:
+    h = result['headline']
+    return {'loader_speedup>=5': h['loader_speedup'] >= 5.0,
+            'dropfix_step_overhead<=0.03': h['dropfix_step_overhead'] <= 0.03,
+            'dropfix_peak_mem_overhead<=0.05': h['dropfix_peak_mem_overhead'] <= 0.05}
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    meta = res['meta']
+    mib = 2 ** 20
+
+    def ms(s: dict) -> str:
+        return f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n']})"
+
+    lines = [f"# Throughput: cv_example-style baseline vs toolkit data path ({res['profile']})", '',
+             f"- command: `{meta['command']}`",
+             f"- date (UTC): {meta['date_utc']}, wall time {meta['wall_time_s']:.0f} s",
+             f"- machine: {res['cpu_model']}, {res['cpu_cores']} cores, torch threads {res['torch_threads']}, "
+             f"device {res['device']}" + (f" ({res['gpu']})" if res.get('gpu') else ''),
+             f"- load average at start / end: {res['load_average_start']} / {res['load_average_end']}",
+             f"- toolkit bf16 autocast: {res['bf16_autocast_toolkit']} (used only where it is faster than fp32)",
+             f"- values: mean ± sample std over repeats (n given); 'spread' in the JSON has every value", '']
+    if res.get('note'):
+        lines += [f"**Note:** {res['note']}", '']
+    if res.get('matmul_tflops'):
+        lines += [f"Matmul throughput for scale: bf16 {res['matmul_tflops']['bf16']:.0f} TFLOP/s, "
+                  f"fp32 {res['matmul_tflops']['fp32']:.0f} TFLOP/s", '']
+    h = res['headline']
+    lines += ['## Headline', '', f"`loader_speedup={h['loader_speedup']:.2f} step_speedup={h['step_speedup']:.2f} "
+              f"dropfix_step_overhead={h['dropfix_step_overhead']:.4f}` ({h['at']})", '',
+              '| target | met |', '|---|---|'] + [f'| {k} | {v} |' for k, v in res['targets'].items()] + ['']
+    lines += ['## Loader alone (normalized float batches on the device, augmentation included)', '',
+              '| size | batch | baseline img/s | toolkit img/s | speedup | baseline epoch s | toolkit epoch s | '
+              'cache build s (once) |', '|---|---|---|---|---|---|---|---|']
+    for e in res['sizes']:
+        lo = e['loader']
+        lines.append(f"| {e['img_size']} | {lo['batch']} | {ms(lo['baseline']['images_per_s'])} | "
+                     f"{ms(lo['toolkit']['images_per_s'])} | {lo['speedup']:.2f}x | "
+                     f"{ms(lo['baseline']['epoch_s'])} | {ms(lo['toolkit']['epoch_s'])} | "
+                     f"{e['cache_build_s']:.1f} |")
+    lines += ['', '## Whole training steps (loader + forward + backward + Adam)', '',
+              '| size | batch | model | path | img/s | epoch s | peak memory |', '|---|---|---|---|---|---|---|']
+    for e in res['sizes']:
+        for name, st in e['steps'].items():
+            for p in ('baseline', 'toolkit'):
+                if p not in st:
+                    continue
+                s = st[p]
+                ep = (f"{s['epoch_s_measured']:.1f} (measured)" if 'epoch_s_measured' in s
+                      else f"{s['epoch_s_estimate']:.1f} (est.)")
+                if 'peak_mem_bytes' in s:
+                    mem = f"{s['peak_mem_bytes'] / mib:.0f} MiB (CUDA max allocated)"
+                elif 'memory' in s:
+                    mem = (f"{s['memory']['peak_mem'] / mib:.0f} MiB (+ workers {s['memory']['workers_uss'] / mib:.0f}"
+                           " MiB)")
+                else:
+                    mem = '-'
+                lines.append(f"| {e['img_size']} | {e['batch']} | {name} | {p} | {ms(s['images_per_s'])} | {ep} | "
+                             f"{mem} |")
+            if 'speedup' in st:
+                lines.append(f"| {e['img_size']} | {e['batch']} | {name} | **speedup** | "
+                             f"**{st['speedup']:.2f}x** | | |")
+    d = res['dropfix']
+    lines += ['', f"## Recommended dropout placement vs no dropout (resnet50, {d['size']} px, batch {d['batch']}, "
+              'toolkit config)', '', '| | step s | peak memory | saved activations |', '|---|---|---|---|']
+    for k in ('no_dropout', 'dropfix'):
+        m = d['memory'][k]
+        pm = m.get('peak_mem_bytes', m.get('peak_mem'))
+        sa = f"{m['saved_activation_bytes'] / mib:.0f} MiB" if 'saved_activation_bytes' in m else '-'
+        lines.append(f"| {k} | {ms(d['step_s'][k])} | {pm / mib:.0f} MiB | {sa} |")
+    lines += ['', f"Step-time overhead: median of paired ratios {d['overhead_median']:+.2%}, mean "
+              f"{d['overhead_per_pair']['mean']:+.2%} ± {d['overhead_per_pair']['std']:.2%} "
+              f"over {d['overhead_per_pair']['n']} interleaved pairs. Peak memory overhead "
+              f"{d['peak_mem_overhead']:+.2%}" + (f"; saved-activation overhead {d['saved_activation_overhead']:+.2%}"
+                                                  if 'saved_activation_overhead' in d else '') + '.', '',
+              'CPU peak memory: a fresh process per config runs one training step; peak RSS during it (VmHWM) minus '
+              'the RSS right after the imports, i.e. model, gradients, Adam state, batch and activations (the '
+              'CPU counterpart of CUDA max_memory_allocated). Loader workers are listed separately (unique memory). '
+              'Saved activations: the distinct tensors autograd keeps for backward in that step.', '']
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument('--quick', action='store_true', help='< 3 min on 2 CPU cores')
+    g.add_argument('--gpu', action='store_true', help='CUDA profile (< 5 min on one H100)')
+    parser.add_argument('--workers', type=int, default=None, help='loader workers for both paths')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out-dir', default=str(RESULTS_DIR))
+    parser.add_argument('--note', default=None, help='free text stored with the results (e.g. machine load)')
+    parser.add_argument('--smoke', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--_child', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._child:
+        print(json.dumps(child_memory(json.loads(args._child))))
+        return
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit('--gpu needs a CUDA device; run --quick or the default profile on CPU')
+    profile = 'quick' if args.quick else 'gpu' if args.gpu else 'smoke' if args.smoke else 'default'
+    started, t0 = utc_now(), time.perf_counter()
+    result = run(profile, Path(args.out_dir), args.seed, args.workers)
+    result['targets'] = targets(result)
+    if args.note:
+        result['note'] = args.note
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = write_result(out_dir / f'throughput_{profile}.json', result,
+                           command=command_line(argv), seeds=[args.seed],
+                           wall_time_s=time.perf_counter() - t0, started_at=started)
+    (out_dir / f'throughput_{profile}.md').write_text(to_markdown(written))
+    h = result['headline']
+    print(f"results: {out_dir / f'throughput_{profile}.json'} ({time.perf_counter() - t0:.0f} s)")
+    print(f"loader_speedup={h['loader_speedup']:.2f} step_speedup={h['step_speedup']:.2f} "
+          f"dropfix_step_overhead={h['dropfix_step_overhead']:.4f}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,227 @@
+"""Tests for finetune/fastdata.py: the decode-once cache, the cached dataset/loader and BatchAugment."""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune.fastdata import (BatchAugment, CachedDataset, build_cache, default_short_side, load_and_resize,
+                               make_fast_loader)
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _write_images(folder: Path, n: int, size=(48, 36), seed: int = 0) -> list[tuple[str, int]]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n):
+        w, h = size if i % 2 == 0 else size[::-1]  # landscape and portrait
+        arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        path = folder / f'img_{i}.jpg'
+        Image.fromarray(arr).save(path, quality=90)
+        samples.append((str(path), i % 3))
+    return samples
+
+
+def _leftovers(cache_dir: Path) -> list[str]:
+    return sorted(p.name for p in cache_dir.iterdir())
+
+
+def test_build_reuse_and_contents(tmp_path):
+    samples = _write_images(tmp_path / 'img', 6)
+    info = build_cache(samples, 20, tmp_path / 'cache', num_workers=0)
+    assert info.built and info.n_images == 6 and info.n_skipped == 0
+    assert info.labels == [lab for _, lab in samples] and info.kept_indices == list(range(6))
+    ds = CachedDataset(info.path)
+    img, label = ds[3]
+    assert img.dtype == torch.uint8 and tuple(img.shape) == (3, 20, 20) and label == samples[3][1]
+    assert torch.equal(img, torch.from_numpy(load_and_resize(samples[3][0], 20)))
+    # batched fetch keeps the requested order (it reads sorted internally)
+    got = ds.__getitems__([4, 0, 4, 2])
+    for (im, lab), i in zip(got, [4, 0, 4, 2]):
+        assert torch.equal(im, ds[i][0]) and lab == samples[i][1]
+    again = build_cache(samples, 20, tmp_path / 'cache', num_workers=0)
+    assert not again.built and again.path == info.path
+
+
+def test_key_invalidation(tmp_path):
+    samples = _write_images(tmp_path / 'img', 4)
+    cache = tmp_path / 'cache'
+    first = build_cache(samples, 16, cache, num_workers=0)
+    # a different size is a different cache
+    other = build_cache(samples, 18, cache, num_workers=0)
+    assert other.built and other.path != first.path
+    # a changed file (new content, new mtime) rebuilds, and the new pixels are served
+    path = Path(samples[1][0])
+    Image.fromarray(np.full((36, 48, 3), 7, np.uint8)).save(path, quality=95)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = build_cache(samples, 16, cache, num_workers=0)
+    assert changed.built and changed.path != first.path
+    assert abs(CachedDataset(changed.path)[1][0].float().mean().item() - 7) < 2
+    # changed labels rebuild too
+    relabeled = build_cache([(p, 0) for p, _ in samples], 16, cache, num_workers=0)
+    assert relabeled.built and relabeled.labels == [0] * 4
+
+
+def test_corrupt_files_are_counted_not_fatal(tmp_path):
+    samples = _write_images(tmp_path / 'img', 5)
+    good = Path(samples[0][0]).read_bytes()
+    truncated = tmp_path / 'img' / 'truncated.jpg'
+    truncated.write_bytes(good[: len(good) // 2])
+    not_image = tmp_path / 'img' / 'notes.jpg'
+    not_image.write_text('not a jpeg')
+    bad = [(str(truncated), 1), (str(not_image), 2), (str(tmp_path / 'missing.jpg'), 0)]
+    all_samples = samples[:2] + bad + samples[2:]
+    for workers in (0, 2):  # in-process and through the multiprocessing pool
+        info = build_cache(all_samples, 16, tmp_path / f'cache{workers}', num_workers=workers)
+        assert info.n_skipped == 3 and info.n_images == 5
+        assert sorted(info.skipped) == sorted(p for p, _ in bad)
+        assert info.kept_indices == [0, 1, 5, 6, 7]
+        ds = CachedDataset(info.path)
+        assert len(ds) == 5 and ds.labels == [all_samples[i][1] for i in info.kept_indices]
+        assert torch.equal(ds[2][0], torch.from_numpy(load_and_resize(samples[2][0], 16)))
+
+
+def test_all_corrupt_raises_clear_error(tmp_path):
+    bad = tmp_path / 'bad.jpg'
+    bad.write_text('nope')
+    with pytest.raises(RuntimeError, match='none of the 1 images'):
+        build_cache([(str(bad), 0)], 16, tmp_path / 'cache', num_workers=0)
+    assert _leftovers(tmp_path / 'cache') == []
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_interrupted_build_leaves_nothing(tmp_path, workers):
+    samples = _write_images(tmp_path / 'img', 8)
+    cache = tmp_path / 'cache'
+
+    def boom(done: int, total: int) -> None:
+        if done == 5:
+            raise KeyboardInterrupt('simulated interrupt mid-build')
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(samples, 16, cache, num_workers=workers, progress=boom)
+    assert _leftovers(cache) == []  # no partial .npy, no sidecar, no temp file
+    info = build_cache(samples, 16, cache, num_workers=workers)  # and the next build works from scratch
+    assert info.built and info.n_images == 8
+    assert sorted(_leftovers(cache)) == sorted([info.path.name, info.path.with_suffix('.json').name])
+
+
+def test_batch_augment_shapes_dtype_normalization():
+    value = 200
+    x = torch.full((5, 3, 40, 40), value, dtype=torch.uint8)
+    expected = torch.tensor([(value / 255 - m) / s for m, s in zip(MEAN, STD)])
+    for train in (True, False):
+        aug = BatchAugment(32, MEAN, STD, train=train)
+        out = aug(x)
+        assert out.dtype == torch.float32 and tuple(out.shape) == (5, 3, 32, 32)
+        # any crop, flip or resize of a constant image is the same constant, normalized per channel
+        assert torch.allclose(out, expected.view(1, 3, 1, 1).expand_as(out), atol=1e-5)
+    cl = BatchAugment(32, MEAN, STD, train=True, channels_last=True)(x)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r'\[B, 3, H, W\]'):
+        BatchAugment(32, MEAN, STD, train=True)(x[0])
+
+
+def test_train_full_crop_matches_plain_resize_and_flip():
+    """scale=ratio=1 crops the whole square: a bilinear resize; hflip=1 mirrors it."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
+    ident = dict(mean=(0, 0, 0), std=(1 / 255,) * 3, train=True, scale=(1, 1), ratio=(1, 1))
+    ref = torch.nn.functional.interpolate(x.float(), size=32, mode='bilinear', align_corners=False)
+    assert torch.allclose(BatchAugment(32, hflip=0.0, **ident)(x), ref, atol=1e-3)
+    assert torch.allclose(BatchAugment(32, hflip=1.0, **ident)(x), ref.flip(3), atol=1e-3)
+    # a 4x shrink goes through roi_align (area averaging): much closer to an antialiased resize than plain
+    # bilinear sampling, which aliases on this noise image
+    big = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    interp = torch.nn.functional.interpolate
+    aa = interp(big.float(), size=24, mode='bilinear', antialias=True, align_corners=False)
+    aliased = interp(big.float(), size=24, mode='bilinear', antialias=False, align_corners=False)
+    out = BatchAugment(24, hflip=0.0, **ident)(big)
+    assert (out - aa).abs().mean() < 0.5 * (aliased - aa).abs().mean()
+
+
+def test_determinism_with_seeded_generator():
+    x = torch.randint(0, 256, (6, 3, 48, 48), dtype=torch.uint8)
+    aug = BatchAugment(32, MEAN, STD, train=True)
+    a = aug(x, generator=torch.Generator().manual_seed(123))
+    b = aug(x, generator=torch.Generator().manual_seed(123))
+    c = aug(x, generator=torch.Generator().manual_seed(124))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(5)
+    d = aug(x)
+    torch.manual_seed(5)
+    assert torch.equal(d, aug(x))  # the global RNG when no generator is given
+
+
+def test_crop_box_sampling_follows_timm_rule():
+    """Vectorized boxes: inside the image, in the scale/ratio ranges, same area statistics as timm's sampler."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    size, n = 64, 4000
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    aug = BatchAugment(32, MEAN, STD, train=True, scale=scale, ratio=ratio)
+    boxes = aug.sample_boxes(n, size, size, torch.Generator().manual_seed(0))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= size).all() and (boxes[:, 3] <= size).all()
+    assert (boxes == boxes.round()).all()  # integer pixel boxes, as timm's
+    area = (w * h / size**2).numpy()
+    assert area.min() >= 0.07 and area.max() <= 1.0
+    random.seed(0)
+    img = Image.new('RGB', (size, size))
+    ref = np.array([hh * ww / size**2 for _, _, hh, ww in
+                    (RandomResizedCropAndInterpolation.get_params(img, scale, ratio) for _ in range(n))])
+    assert abs(area.mean() - ref.mean()) < 0.02 and abs(np.median(area) - np.median(ref)) < 0.03
+    # impossible ranges fall back to timm's central crop
+    wide = BatchAugment(32, MEAN, STD, train=True, scale=(1.0, 1.0), ratio=(2.0, 2.0))
+    fb = wide.sample_boxes(3, size, size, torch.Generator().manual_seed(0))
+    assert torch.equal(fb, torch.tensor([[0.0, 16.0, 64.0, 48.0]] * 3, dtype=fb.dtype))
+
+
+def test_eval_matches_timm_pil_transform_on_real_image(shared_dir, tmp_path):
+    """With S = floor(img/crop_pct) the eval batch equals timm's PIL eval transform; other S are close."""
+    import timm.data
+    images = sorted((shared_dir / 'data' / 'pets370' / 'oxford-iiit-pet' / 'images').glob('*.jpg'))[:3]
+    assert images, f'no pets370 images under {shared_dir}'
+    samples = [(str(p), 0) for p in images]
+    tf = timm.data.create_transform(224, is_training=False, crop_pct=0.875, interpolation='bilinear',
+                                    mean=MEAN, std=STD)
+    ref = torch.stack([tf(Image.open(p).convert('RGB')) for p in images])
+    for short, tol_max, tol_mean in ((default_short_side(224), 1e-4, 1e-5), (288, None, 0.07)):  # 0.07 ~ 4 grey levels: double resampling
+        info = build_cache(samples, short, tmp_path / 'cache', num_workers=0)
+        ds = CachedDataset(info.path)
+        out = BatchAugment(224, MEAN, STD, train=False, crop_pct=0.875)(torch.stack([ds[i][0] for i in range(3)]))
+        diff = (out - ref).abs()
+        assert diff.mean() < tol_mean, (short, diff.mean())
+        if tol_max is not None:
+            assert diff.max() < tol_max, (short, diff.max())
+
+
+def test_fast_loader_batches_and_workers(tmp_path):
+    samples = _write_images(tmp_path / 'img', 10)
+    ds = CachedDataset(build_cache(samples, 16, tmp_path / 'cache', num_workers=0).path)
+    pickle.loads(pickle.dumps(ds))  # workers receive a pickled dataset (without the memory map)
+    in_proc = list(make_fast_loader(ds, 4, shuffle=True, num_workers=0, seed=3))
+    same = list(make_fast_loader(ds, 4, shuffle=True, num_workers=0, seed=3))
+    assert [b[1].tolist() for b in in_proc] == [b[1].tolist() for b in same]
+    imgs, labels = in_proc[0]
+    assert imgs.dtype == torch.uint8 and tuple(imgs.shape) == (4, 3, 16, 16) and labels.dtype == torch.int64
+    aug = BatchAugment(12, MEAN, STD, train=True)
+    run = [list(make_fast_loader(ds, 4, shuffle=True, num_workers=1, seed=3, batch_transform=aug))
+           for _ in range(2)]
+    assert tuple(run[0][0][0].shape) == (4, 3, 12, 12) and run[0][0][0].dtype == torch.float32
+    # worker-side augmentation is reproducible from the loader seed
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(*run))
+    assert sum(len(b[1]) for b in run[0]) == 10
+
+
+def test_default_short_side():
+    assert default_short_side(224) == 256 and default_short_side(224, 0.95) == math.floor(224 / 0.95)
