@@ -130,7 +130,8 @@ def results_markdown(results: dict[str, Any], heading: bool = True) -> str:
                   f"model `{setup.get('model')}`, dataset `{setup.get('dataset')}` ({setup.get('data_dir')}), "
                   f"{setup.get('epochs')} epochs at {setup.get('img_size')} px, seeds {setup.get('seeds')}.", '']
     lines += [f'Paired difference = variant - `{base}` on the same seed; 95% t-interval over seeds.', '',
-              '| variant | what | n | top-1 (mean +- std) | mean class acc | NLL | ECE | top-1 diff vs baseline [95% CI] |',
+              '| variant | what | n | top-1 (mean +- std) | mean class acc | NLL | ECE '
+              '| top-1 diff vs baseline [95% CI] |',
               '|---|---|---|---|---|---|---|---|']
     for name, v in results['variants'].items():
         if name == base:

@@ -63,7 +63,8 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, num_clas
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, batches: Iterable, accelerator=None, transform=None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: torch.nn.Module, batches: Iterable, accelerator=None,
+            transform=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` in eval mode over ``(images, targets)`` batches; returns all logits and targets.
 
     With an ``accelerate.Accelerator`` the results of every process are gathered (padding removed), so each

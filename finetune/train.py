@@ -87,7 +87,7 @@ def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict,
     """Train/eval DataLoaders plus the batch transforms to run on the device (None on the PIL path).
 
     The one switch point between the fast path (decode-once uint8 cache + batched augmentation) and the
-    per-image PIL/timm transforms. Returns (train_loader, eval_loader, train_aug, eval_aug, n_skipped).
+    per-image PIL/timm transforms. Returns (train_loader, eval_loader, train_aug, eval_aug, skipped paths).
     """
     img_size = data_config['input_size'][-1]
     if cfg.fast_data:
@@ -100,7 +100,7 @@ def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict,
         infos = [fastdata.build_cache(s, short_side, cache_dir, interpolation=interp, num_workers=0)
                  for s in (split.train, split.eval)]
         train_ds, eval_ds = (fastdata.CachedDataset(i.path) for i in infos)
-        n_skipped = sum(i.n_skipped for i in infos)
+        skipped = [p for i in infos for p in i.skipped]
         mean, std = data_config['mean'], data_config['std']
         train_aug = fastdata.BatchAugment(img_size, mean, std, train=True, scale=(cfg.rrc_scale_min, 1.0),
                                           crop_pct=data_config['crop_pct'], channels_last=channels_last)
@@ -111,13 +111,13 @@ def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict,
         train_ds = data_lib.ImageListDataset(split.train, train_tf)
         eval_ds = data_lib.ImageListDataset(split.eval, eval_tf)
         train_aug = eval_aug = None
-        n_skipped = 0  # counted by load_samples' check
+        skipped = []  # already left out by load_samples' check
     loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
     # drop_last: every step sees a full batch (BatchNorm with a batch of 1 fails, and steps stay comparable)
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                                **loader_kw)
     eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=cfg.batch_size, shuffle=False, **loader_kw)
-    return train_loader, eval_loader, train_aug, eval_aug, n_skipped
+    return train_loader, eval_loader, train_aug, eval_aug, skipped
 
 
 def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, Any]:
@@ -174,11 +174,16 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     # (resnet18, 32 px, batch 8: 5.0 s vs 1.1 s per step), so it is only used on GPUs
     channels_last = cfg.channels_last and accelerator.device.type == 'cuda'
     with accelerator.main_process_first():  # rank 0 builds the fast-data cache, the others then reuse it
-        train_loader, eval_loader, train_aug, eval_aug, n_cache_skipped = make_loaders(cfg, split, data_config, out,
-                                                                                        channels_last)
-    n_skipped = split.n_skipped + n_cache_skipped
-    if n_skipped and main:
-        accelerator.print(f'skipped {n_skipped} unreadable image(s); see the log for their paths')
+        train_loader, eval_loader, train_aug, eval_aug, cache_skipped = make_loaders(cfg, split, data_config, out,
+                                                                                      channels_last)
+    skipped = split.skipped + cache_skipped
+    n_train, n_eval = len(train_loader.dataset), len(eval_loader.dataset)
+    if skipped and main:
+        more = ' ...' if len(skipped) > 5 else ''
+        accelerator.print(f'skipped {len(skipped)} unreadable image(s): {skipped[:5]}{more}')
+    if n_train < global_batch:
+        raise FinetuneError(f'only {n_train} readable training images, fewer than one batch ({global_batch}); '
+                            f'lower --batch-size')
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = param_groups(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
@@ -265,9 +270,9 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
         eval_logits, eval_targets = predict(model, eval_loader, accelerator, eval_aug)
     final = classification_metrics(eval_logits, eval_targets, len(split.classes))
     metrics = dict(final, history=history, wall_seconds=time.time() - t_start, train_seconds=train_time,
-                   images_per_second=train_images / max(train_time, 1e-9), n_skipped=n_skipped,
-                   skipped=split.skipped, num_processes=accelerator.num_processes,
-                   n_train=len(split.train), n_eval=len(split.eval), data_config=_jsonable(data_config))
+                   images_per_second=train_images / max(train_time, 1e-9), n_skipped=len(skipped),
+                   skipped=skipped, num_processes=accelerator.num_processes,
+                   n_train=n_train, n_eval=n_eval, data_config=_jsonable(data_config))
     if main:
         unwrapped = accelerator.unwrap_model(model)
         info = dict(dropfix=built.dropfix, dropout_summary=str(timm_dropfix.summarize(unwrapped)),

@@ -40,8 +40,8 @@ def test_bench_grid_and_resume(tiny_pets, tmp_path):
         for k, v in VARIANTS[name][0].items():
             assert run_cfg[k] == v
     c = saved['comparisons']['recommended']['top1']
-    per_seed = [saved['variants']['recommended']['seeds'][s]['top1'] - saved['variants']['timm_default']['seeds'][s]['top1']
-                for s in ('0', '1')]
+    seeds_of = {name: saved['variants'][name]['seeds'] for name in variants}
+    per_seed = [seeds_of['recommended'][s]['top1'] - seeds_of['timm_default'][s]['top1'] for s in ('0', '1')]
     assert c['n'] == 2 and c['diffs'] == pytest.approx(per_seed) and c['ci95'][0] <= c['mean'] <= c['ci95'][1]
     md = (out / 'results.md').read_text()
     assert '| recommended |' in md and '(baseline)' in md and '+-' in md
