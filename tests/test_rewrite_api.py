@@ -1,0 +1,137 @@
+"""rewrite's contract: clear errors that change nothing, wrappers refused, checkpoints round-trip, real weights."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import timm_dropfix
+
+ONE = (1, 1, 1, 1)
+
+
+def _shared_dir() -> Path | None:
+    path = Path(os.environ.get('TIMM_DROPFIX_SHARED', Path(__file__).resolve().parents[2] / 'shared'))
+    if path.is_dir():
+        return path
+    if os.environ.get('CI'):
+        pytest.fail(f'shared data folder {path} is missing; CI must provide it (set TIMM_DROPFIX_SHARED).')
+    pytest.skip(f'shared data folder {path} not found')
+
+
+@pytest.mark.parametrize('factory', [
+    lambda: timm.create_model('vit_tiny_patch16_224'),
+    lambda: timm.create_model('mobilenetv3_small_100'),
+    lambda: torchvision.models.mobilenet_v3_small(),
+])
+def test_unsupported_model_names_the_families(factory):
+    model = factory()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(timm_dropfix.UnsupportedModelError, match='Supported families: timm ResNetV2'):
+        timm_dropfix.rewrite(model)
+    assert [type(m) for m in model.modules()] == before
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(branch_drop_rate=1.0), r'branch_drop_rate must be in \[0, 1\)'),
+    (dict(branch_drop_rate=-0.1), r'branch_drop_rate must be in \[0, 1\)'),
+    (dict(head_drop_rate=float('nan')), r'head_drop_rate must be in \[0, 1\)'),
+    (dict(head_drop_rate='high'), r'head_drop_rate must be a number'),
+    (dict(branch_position='after_bn'), r"Unknown branch_position 'after_bn'; choose one of none, recommended"),
+    (dict(head_position='middle'), r"Unknown head_position 'middle'; choose one of before_pool"),
+])
+def test_bad_arguments_change_nothing(kwargs, match):
+    model = timm.create_model('resnet18')
+    with pytest.raises(ValueError, match=match):
+        timm_dropfix.rewrite(model, **kwargs)
+    assert type(model).__name__ == 'ResNet' and type(model.layer1[0]).__name__ == 'BasicBlock'
+
+
+def test_after_conv3_on_basic_blocks_is_refused_before_any_change():
+    model = timm.create_model('resnet18')
+    with pytest.raises(ValueError, match='needs bottleneck blocks'):
+        timm_dropfix.rewrite(model, branch_position='after_conv3')
+    assert timm_dropfix.dropfix_config(model) is None and type(model.layer1[0]).__name__ == 'BasicBlock'
+
+
+def test_wrappers_are_refused_with_advice():
+    model = timm.create_model('resnet18')
+    with pytest.raises(timm_dropfix.UnsupportedModelError, match='before wrapping'):
+        timm_dropfix.rewrite(nn.DataParallel(model))
+    with pytest.raises(timm_dropfix.UnsupportedModelError, match=r'rewrite\(model._orig_mod'):
+        timm_dropfix.rewrite(torch.compile(model))
+
+
+def test_summary_and_config_are_readable_and_json_ready(caplog):
+    model = timm.create_model('seresnet50', layers=ONE, num_classes=4)
+    with caplog.at_level('INFO', logger='timm_dropfix'):
+        timm_dropfix.rewrite(model, 0.05, 0.3)
+    text = str(timm_dropfix.summarize(model))
+    assert 'DropfixBottleneck: branch_end' in text and 'p=0.3 before_pool' in text and '4 residual blocks' in text
+    assert text in caplog.text
+    json.dumps(timm_dropfix.summarize(model).to_dict())
+    assert timm_dropfix.dropfix_config(model) == dict(branch_drop_rate=0.05, head_drop_rate=0.3,
+                                                      branch_position='recommended', head_position='before_pool')
+    timm_dropfix.rewrite(model, 0.0, 0.0, 'none', 'none')
+    s = timm_dropfix.summarize(model)
+    assert (s.branch_drop_rate, s.head_drop_rate, s.head_position) == (0.0, 0.0, 'none')
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+
+
+def test_list_positions_documents_every_name():
+    docs = timm_dropfix.list_positions()
+    assert set(docs['branch']) == set(timm_dropfix.BRANCH_POSITIONS)
+    assert set(docs['head']) == set(timm_dropfix.HEAD_POSITIONS)
+    assert 'recommended' in docs['branch']['before_last_conv'] and 'recommended' in docs['branch']['branch_end']
+
+
+def test_dropfix_twin():
+    assert timm_dropfix.dropfix_twin('resnet50.a1_in1k') == 'resnet50_dropfix'
+    assert timm_dropfix.dropfix_twin('resnetv2_50') == 'preresnet50_dropfix'
+    assert timm_dropfix.dropfix_twin('preresnet20_cifar') == 'preresnet20_cifar_dropfix'
+    assert timm_dropfix.dropfix_twin('resnet50_dropfix') == 'resnet50_dropfix'
+    assert timm_dropfix.dropfix_twin('convnext_tiny') is None
+    for name in ('resnet50', 'resnetv2_101', 'preresnet56_cifar'):
+        assert timm_dropfix.dropfix_twin(name) in timm.list_models()
+
+
+def test_checkpoint_round_trip_both_ways(tmp_path):
+    """A rewritten model's safetensors loads strictly into the original architecture and back."""
+    original = timm.create_model('resnetv2_50', layers=ONE, num_classes=5).eval()
+    rewritten = timm_dropfix.rewrite(copy.deepcopy(original)).eval()
+    path = tmp_path / 'rewritten.safetensors'
+    save_file(rewritten.state_dict(), str(path))
+    fresh = timm.create_model('resnetv2_50', layers=ONE, num_classes=5).eval()
+    fresh.load_state_dict(load_file(str(path)), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), rewritten(x))
+    # rewrite after loading is the same as before loading
+    late = timm_dropfix.rewrite(fresh).eval()
+    early = timm_dropfix.rewrite(timm.create_model('resnetv2_50', layers=ONE, num_classes=5)).eval()
+    early.load_state_dict(load_file(str(path)), strict=True)
+    with torch.no_grad():
+        assert torch.equal(late(x), early(x))
+
+
+def test_shared_imagenet_resnet50_loads_into_variant_and_rewrite():
+    """The real ImageNet ResNet-50 (../shared/weights) keeps its predictions through rewrite and the variant."""
+    weights = _shared_dir() / 'weights' / 'resnet50_keras_in1k'
+    plain = timm.create_model(f'local-dir:{weights}', pretrained=True).eval()
+    timm_dropfix.set_v1_strides(plain)
+    variant = timm.create_model('resnet50_dropfix', pretrained=True, v1_strides=True,
+                                pretrained_cfg_overlay=dict(file=str(weights / 'model.safetensors'))).eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        reference = plain(x)
+        assert torch.equal(variant(x), reference)
+        assert torch.equal(timm_dropfix.rewrite(plain).eval()(x), reference)
