@@ -102,7 +102,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, cls: type = DropfixResNetV2, **kwargs: Any) -> DropfixResNetV2:
-    return build_model_with_cfg(cls, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
+    # the stem plus one tap per stage: five for the ImageNet nets, four for the three-stage CIFAR nets
+    num_taps = 1 + len(kwargs.get('layers', (0,) * 4))
+    feature_cfg = dict(flatten_sequential=True, out_indices=tuple(range(num_taps)))
+    return build_model_with_cfg(cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 _BN = dict(conv_layer=create_conv2d, norm_layer=BatchNormAct2d)
