@@ -58,8 +58,8 @@ RRC_SCALE = (0.5, 1.0)  # cv_example's RandomResizedCrop scale, used by both pat
 # sizes: (img_size, batch) pairs; the first is the headline (224 px). steps: timed steps per chunk,
 # chunks: interleaved baseline/toolkit chunks. dropfix_pairs: interleaved (no dropout, dropout) step pairs.
 PROFILES: dict[str, dict[str, Any]] = {
-    'quick': dict(sizes=[(224, 4), (112, 8)], loader_batch=32, loader_repeats=3, epoch_images=370,
-                  steps=2, chunks=1, dropfix_size=(112, 8), dropfix_pairs=4, memory_sizes=[(112, 8)],
+    'quick': dict(sizes=[(224, 4), (96, 8)], loader_batch=32, loader_repeats=3, epoch_images=370,
+                  steps=2, chunks=1, dropfix_size=(96, 8), dropfix_pairs=4, memory_sizes=[(96, 8)],
                   models=['resnet50'], workers=2),
     'default': dict(sizes=[(224, 16), (128, 16)], loader_batch=32, loader_repeats=5, epoch_images=370,
                     steps=3, chunks=2, dropfix_size=(128, 16), dropfix_pairs=8,
@@ -275,7 +275,12 @@ def measure_steps(paths: dict[str, tuple], device: torch.device, steps: int, chu
 
 def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int) -> dict[str, Any]:
     """Step time of resnet50 without dropout vs with the recommended placement, on the same fixed batch,
-    in interleaved pairs (order alternating), both in the toolkit configuration."""
+    in interleaved pairs (order alternating), both in the toolkit configuration.
+
+    The overhead is the median over pairs of ``t_dropfix / t_no_dropout - 1``. On CPU the times are the
+    process CPU time of each step (``time.process_time``), which other tenants of a shared machine disturb far
+    less than wall time; wall times are recorded too. On CUDA, synchronized wall time.
+    """
     torch.manual_seed(0)
     off = make_model('resnet50', device, toolkit=True, dropout=False)
     on = make_model('resnet50', device, toolkit=True, dropout=True)
@@ -283,20 +288,27 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
     trainers = {'no_dropout': Trainer(off, device, True), 'dropfix': Trainer(on, device, True)}
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 37, (batch,), device=device)
-    times: dict[str, list[float]] = {k: [] for k in trainers}
+    wall: dict[str, list[float]] = {k: [] for k in trainers}
+    cpu: dict[str, list[float]] = {k: [] for k in trainers}
     for k in trainers:  # warm-up
         trainers[k].step(x, y)
     for p in range(pairs):
         order = list(trainers) if p % 2 == 0 else list(reversed(trainers))
         for k in order:
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             trainers[k].step(x, y)
             sync(device)
-            times[k].append(time.perf_counter() - t0)
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    times = cpu if device.type == 'cpu' else wall
     ratios = [b / a - 1.0 for a, b in zip(times['no_dropout'], times['dropfix'])]
-    return {'size': size, 'batch': batch, 'step_s': {k: summary(v) for k, v in times.items()},
-            'overhead_per_pair': summary(ratios), 'overhead_median': statistics.median(ratios)}
+    wall_ratios = [b / a - 1.0 for a, b in zip(wall['no_dropout'], wall['dropfix'])]
+    return {'size': size, 'batch': batch, 'timer': 'process CPU time' if device.type == 'cpu' else 'wall (synced)',
+            'step_s': {k: summary(v) for k, v in times.items()},
+            'step_wall_s': {k: summary(v) for k, v in wall.items()},
+            'overhead_per_pair': summary(ratios), 'overhead_median': statistics.median(ratios),
+            'wall_overhead_median': statistics.median(wall_ratios)}
 
 
 def saved_activation_bytes(model: torch.nn.Module, trainer: Trainer, x, y) -> int:
@@ -380,7 +392,18 @@ def gpu_memory(fn: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device)
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, iters: int = 50) -> float:
+def train_flops_per_image(name: str, size: int, device: torch.device) -> float:
+    """FLOPs of one training step per image (forward + backward, batch 1), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = make_model(name, device, toolkit=False)
+    x = torch.randn(1, 3, size, size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x).sum().backward()
+    return float(counter.get_total_flops())
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, iters: int = 100) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -409,14 +432,14 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int]) -> dict[
         result['gpu'] = torch.cuda.get_device_name(0)
         torch.backends.cudnn.benchmark = True
         result['matmul_tflops'] = {'bf16': matmul_tflops(device, torch.bfloat16),
-                                   'fp32': matmul_tflops(device, torch.float32)}
+                                   'fp32_no_tf32': matmul_tflops(device, torch.float32)}
         print(f"matmul TFLOP/s: {result['matmul_tflops']}", flush=True)
 
     from finetune.fastdata import build_cache
     cache_dir = Path(tempfile.mkdtemp(prefix='throughput-cache-'))
     try:
         per_size = []
-        for si, (size, batch) in enumerate(prof['sizes']):
+        for size, batch in prof['sizes']:
             short = math.floor(size / 0.875)
             info = build_cache(samples, short, cache_dir)  # timed: a cold build in a fresh folder
             entry: dict[str, Any] = {'img_size': size, 'batch': batch, 'cache_short_side': short,
@@ -438,7 +461,7 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int]) -> dict[
             gc.collect()
             # whole training steps, per model
             entry['steps'] = {}
-            for mi, name in enumerate(prof['models']):
+            for name in prof['models']:
                 torch.manual_seed(seed)
                 paths = {}
                 if name == 'resnet50':  # the baseline loop is only run for the model cv_example uses
@@ -457,6 +480,9 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int]) -> dict[
                             x, y = to_model_input(p, next(iter(loader)), device, a)
                             trainer.step(x, y)
                         st[p]['peak_mem_bytes'] = gpu_memory(one_step, device)
+                st['train_gflop_per_image'] = train_flops_per_image(name, size, device) / 1e9
+                for p in paths:  # achieved model FLOP rate, to set against the matmul peak
+                    st[p]['achieved_tflops'] = st[p]['images_per_s']['mean'] * st['train_gflop_per_image'] / 1e3
                 entry['steps'][name] = st
                 print(f"[{size}px] {name} step img/s " + ', '.join(
                     f"{p} {st[p]['images_per_s']['mean']:.2f}" for p in paths), flush=True)
@@ -559,7 +585,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines += [f"**Note:** {res['note']}", '']
     if res.get('matmul_tflops'):
         lines += [f"Matmul throughput for scale: bf16 {res['matmul_tflops']['bf16']:.0f} TFLOP/s, "
-                  f"fp32 {res['matmul_tflops']['fp32']:.0f} TFLOP/s", '']
+                  f"fp32 (TF32 off) {res['matmul_tflops']['fp32_no_tf32']:.0f} TFLOP/s", '']
     h = res['headline']
     lines += ['## Headline', '', f"`loader_speedup={h['loader_speedup']:.2f} step_speedup={h['step_speedup']:.2f} "
               f"dropfix_step_overhead={h['dropfix_step_overhead']:.4f}` ({h['at']})", '',
@@ -574,14 +600,15 @@ def to_markdown(res: dict[str, Any]) -> str:
                      f"{ms(lo['baseline']['epoch_s'])} | {ms(lo['toolkit']['epoch_s'])} | "
                      f"{e['cache_build_s']:.1f} |")
     lines += ['', '## Whole training steps (loader + forward + backward + Adam)', '',
-              '| size | batch | model | path | img/s | epoch s | peak memory |', '|---|---|---|---|---|---|---|']
+              '| size | batch | model | path | img/s | epoch s | peak memory | achieved TFLOP/s |',
+              '|---|---|---|---|---|---|---|---|']
     for e in res['sizes']:
         for name, st in e['steps'].items():
             for p in ('baseline', 'toolkit'):
                 if p not in st:
                     continue
                 s = st[p]
-                ep = (f"{s['epoch_s_measured']:.1f} (measured)" if 'epoch_s_measured' in s
+                ep = (f"{s['epoch_s_measured']:.1f} (measured, fresh loader)" if 'epoch_s_measured' in s
                       else f"{s['epoch_s_estimate']:.1f} (est.)")
                 if 'peak_mem_bytes' in s:
                     mem = f"{s['peak_mem_bytes'] / mib:.0f} MiB (CUDA max allocated)"
@@ -591,11 +618,13 @@ def to_markdown(res: dict[str, Any]) -> str:
                 else:
                     mem = '-'
                 lines.append(f"| {e['img_size']} | {e['batch']} | {name} | {p} | {ms(s['images_per_s'])} | {ep} | "
-                             f"{mem} |")
+                             f"{mem} | {s['achieved_tflops']:.3g} |")
             if 'speedup' in st:
                 lines.append(f"| {e['img_size']} | {e['batch']} | {name} | **speedup** | "
-                             f"**{st['speedup']:.2f}x** | | |")
+                             f"**{st['speedup']:.2f}x** | | | |")
     d = res['dropfix']
+    lines += ['', 'Achieved TFLOP/s = img/s x training FLOPs per image (forward + backward, FlopCounterMode); '
+              'epoch s is measured on CUDA and estimated (epoch images / img/s) on CPU.']
     lines += ['', f"## Recommended dropout placement vs no dropout (resnet50, {d['size']} px, batch {d['batch']}, "
               'toolkit config)', '', '| | step s | peak memory | saved activations |', '|---|---|---|---|']
     for k in ('no_dropout', 'dropfix'):
@@ -603,9 +632,11 @@ def to_markdown(res: dict[str, Any]) -> str:
         pm = m.get('peak_mem_bytes', m.get('peak_mem'))
         sa = f"{m['saved_activation_bytes'] / mib:.0f} MiB" if 'saved_activation_bytes' in m else '-'
         lines.append(f"| {k} | {ms(d['step_s'][k])} | {pm / mib:.0f} MiB | {sa} |")
-    lines += ['', f"Step-time overhead: median of paired ratios {d['overhead_median']:+.2%}, mean "
+    lines += ['', f"Step time measured as {d['timer']}. "
+              f"Overhead: median of paired ratios {d['overhead_median']:+.2%}, mean "
               f"{d['overhead_per_pair']['mean']:+.2%} ± {d['overhead_per_pair']['std']:.2%} "
-              f"over {d['overhead_per_pair']['n']} interleaved pairs. Peak memory overhead "
+              f"over {d['overhead_per_pair']['n']} interleaved pairs (wall-time median "
+              f"{d['wall_overhead_median']:+.2%}). Peak memory overhead "
               f"{d['peak_mem_overhead']:+.2%}" + (f"; saved-activation overhead {d['saved_activation_overhead']:+.2%}"
                                                   if 'saved_activation_overhead' in d else '') + '.', '',
               'CPU peak memory: a fresh process per config runs one training step; peak RSS during it (VmHWM) minus '

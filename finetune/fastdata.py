@@ -48,7 +48,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -454,7 +454,8 @@ class BatchAugment(nn.Module):
     ``S = floor(img_size / crop_pct)`` a crop is shrunk by at most ``1 / crop_pct`` (1.14x), where bilinear
     sampling needs no antialiasing; when some crop is shrunk by more than 1.5x (a cache much larger than
     ``img_size``) the batch goes through ``torchvision.ops.roi_align`` instead, which averages several samples
-    per output pixel like PIL's antialiased resize. Randomness comes from ``generator`` if given to ``forward``, else from torch's global RNG.
+    per output pixel like PIL's antialiased resize. Randomness comes from ``generator`` if given to
+    ``forward``, else from torch's global RNG.
 
     Example::
 

@@ -195,7 +195,8 @@ def test_eval_matches_timm_pil_transform_on_real_image(shared_dir, tmp_path):
     tf = timm.data.create_transform(224, is_training=False, crop_pct=0.875, interpolation='bilinear',
                                     mean=MEAN, std=STD)
     ref = torch.stack([tf(Image.open(p).convert('RGB')) for p in images])
-    for short, tol_max, tol_mean in ((default_short_side(224), 1e-4, 1e-5), (288, None, 0.07)):  # 0.07 ~ 4 grey levels: double resampling
+    # S=256: the same pixels as timm; S=288: resampled twice, 0.07 (normalized) is about 4 grey levels
+    for short, tol_max, tol_mean in ((default_short_side(224), 1e-4, 1e-5), (288, None, 0.07)):
         info = build_cache(samples, short, tmp_path / 'cache', num_workers=0)
         ds = CachedDataset(info.path)
         out = BatchAugment(224, MEAN, STD, train=False, crop_pct=0.875)(torch.stack([ds[i][0] for i in range(3)]))
