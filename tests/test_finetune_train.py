@@ -186,3 +186,17 @@ def test_imagefolder_samples(tiny_pets, tmp_path):
     split = load_samples('imagefolder', str(tmp_path))
     assert split.classes == ['cat', 'dog'] and len(split.train) == 8 and len(split.eval) == 4
     assert {y for _, y in split.train} == {0, 1}
+
+
+def test_pretrained_file_as_safetensors_and_folder(rewritten_run):
+    from finetune.modeling import build_model
+    model_dir = Path(rewritten_run[0].output_dir) / 'model'
+    saved = load_file(str(model_dir / 'model.safetensors'))
+    # a bare .safetensors file: backbone loaded; the head is new because the default cfg says 1000 classes
+    m = build_model(TrainConfig(model='resnet18', pretrained_file=str(model_dir / 'model.safetensors')), 7).model
+    assert torch.equal(m.state_dict()['layer3.0.conv1.weight'], saved['layer3.0.conv1.weight'])
+    assert m.fc.out_features == 7
+    # a save_for_hf folder with the same head size: everything loaded, preprocessing taken from its config
+    m = build_model(TrainConfig(model='resnet18', pretrained_file=str(model_dir)), 4).model
+    assert torch.equal(m.state_dict()['fc.weight'], saved['fc.weight'])
+    assert m.pretrained_cfg['input_size'] == [3, 32, 32]
