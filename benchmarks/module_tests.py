@@ -618,8 +618,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ...           '--out-dir', '/tmp/mt_doctest'])  # doctest: +SKIP
     """
     args = parse_args(argv)
+    with torch.no_grad():  # a context, not set_grad_enabled(False): callers (tests) may train afterwards
+        return _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     started, t0 = _common.utc_now(), time.time()
-    torch.set_grad_enabled(False)
     payload: dict[str, Any] = {'quick': args.quick, 'args': {k: str(v) if isinstance(v, Path) else v
                                                             for k, v in vars(args).items()}}
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -638,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                    args.branch_rate, args.head_rate, args.seed)
         pngs += plot_real_network(payload['real_network'], stem)
     payload['plots'] = [p.name for p in pngs]
-    seeds = (args.seeds if args.part != 'real' else []) + ([args.seed] if args.part != 'figures' else [])
+    seeds = sorted(set((args.seeds if args.part != 'real' else []) + ([args.seed] if args.part != 'figures' else [])))
     result = _common.write_result(stem.with_suffix('.json'), payload, seeds=seeds, started_at=started,
                                   wall_time_s=time.time() - t0,
                                   command=_common.command_line(argv, script='benchmarks/module_tests.py'))
