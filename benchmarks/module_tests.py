@@ -502,8 +502,11 @@ def plot_real_network(res: dict[str, Any], stem: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     vs = [v for v in res['variants'] if v['name'] != 'none']
-    ax.barh([v['name'] for v in vs], [v['logit_var_rel'] for v in vs], color='tab:blue')
-    ax.set_xscale('log'), ax.invert_yaxis()
+    vals = [v['logit_var_rel'] for v in vs]
+    ax.barh([v['name'] for v in vs], vals, color='tab:blue')
+    for i, val in enumerate(vals):
+        ax.text(val, i, f' {val:.3g}', va='center', fontsize=7)
+    ax.set_xlim(0, max(vals) * 1.15 if vals and max(vals) > 0 else 1), ax.invert_yaxis()
     ax.set_xlabel('logit variance over dropout masks / logit variance over images')
     ax.set_title(f"Logit noise over {res['settings']['num_masks']} masks (branch p={res['settings']['branch_drop_rate']},"
                  f" head p={res['settings']['head_drop_rate']})", fontsize=9)

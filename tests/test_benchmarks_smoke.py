@@ -1,0 +1,170 @@
+"""Smoke tests of the benchmark scripts: each ``main`` at a tiny size, checking the files, their structure and
+that the numbers make sense. Also the statistics helpers and the on-device CIFAR augmentation.
+
+The real-data parts read ``$TIMM_DROPFIX_SHARED`` (default ``<repo>/../shared``). They are skipped only when that
+folder is missing and ``CI`` is unset; in CI a missing folder fails.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+import _common  # noqa: E402
+import cifar10  # noqa: E402
+import module_tests  # noqa: E402
+
+SHARED = _common.shared_dir(required=False)
+
+
+def _need_shared(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get('CI'):
+            pytest.fail(f'{path} missing: CI needs the shared data (set TIMM_DROPFIX_SHARED)')
+        pytest.skip(f'{path} missing (set TIMM_DROPFIX_SHARED)')
+    return path
+
+
+def _check_meta(result: dict, json_path: Path) -> None:
+    on_disk = json.loads(json_path.read_text())
+    meta = on_disk['meta']
+    assert meta['command'].startswith('python benchmarks/')
+    assert meta['wall_time_s'] > 0 and meta['seeds'] == result['meta']['seeds']
+    assert meta['date_utc'].endswith('Z') and meta['machine']['torch'] == torch.__version__
+
+
+# ---------------------------------------------------------------- statistics helpers
+
+def test_student_t_quantiles_and_paired_interval():
+    assert _common.student_t_ppf(0.975, 1) == pytest.approx(12.7062, abs=1e-3)
+    assert _common.student_t_ppf(0.975, 9) == pytest.approx(2.2622, abs=1e-3)
+    assert _common.student_t_ppf(0.025, 9) == pytest.approx(-2.2622, abs=1e-3)
+    r = _common.paired_t_interval([0.80, 0.82, 0.81, 0.83], [0.70, 0.71, 0.72, 0.70])
+    assert r['verdict'] == 'higher' and r['ci_low'] < r['mean'] < r['ci_high']
+    # half-width = t(0.975, 3) * s / sqrt(n)
+    half = 3.1824 * r['std'] / 2.0
+    assert r['ci_high'] - r['mean'] == pytest.approx(half, rel=1e-3)
+    noisy = _common.paired_t_interval([0.80, 0.70], [0.75, 0.76])
+    assert noisy['verdict'] == 'no significant difference'
+    single = _common.paired_t_interval([0.8], [0.7])
+    assert math.isnan(single['ci_low']) and single['verdict'] == 'no significant difference'
+    with pytest.raises(ValueError):
+        _common.paired_t_interval([1.0], [1.0, 2.0])
+    assert _common.mean_std([2.0]) == (2.0, 0.0)
+
+
+def test_write_result_stamps_provenance(tmp_path):
+    out = _common.write_result(tmp_path / 'r.json', {'x': torch.tensor(1.5), 'nan': float('nan')}, command='python x',
+                               seeds=[3], wall_time_s=0.5, label='smoke')
+    on_disk = json.loads((tmp_path / 'r.json').read_text())
+    assert on_disk == out and on_disk['x'] == 1.5 and on_disk['nan'] is None
+    assert on_disk['meta']['label'] == 'smoke' and on_disk['meta']['machine']['cpu_count'] >= 1
+
+
+# ---------------------------------------------------------------- module_tests.py
+
+def test_module_tests_main_figures(tmp_path):
+    r = module_tests.main(['--part', 'figures', '--n', '4000', '--seeds', '0', '1', '--fig1-points', '3',
+                           '--fig2-points', '3', '--out-dir', str(tmp_path), '--name', 'mt'])
+    _check_meta(r, tmp_path / 'mt.json')
+    for suffix in ('_fig1.png', '_fig2.png', '.md'):
+        assert (tmp_path / f'mt{suffix}').stat().st_size > 0
+    f = r['figures']
+    assert f['fig1']['w_mean'] == [-0.02, 0.0, 0.02] and len(f['fig1']['after']) == 2
+    s = f['summary']
+    assert s['fig1_after_at_0'] > s['fig1_after_at_+0.02'] + 0.05 and s['fig1_after_at_0'] > s['fig1_after_at_-0.02'] + 0.05
+    assert 0.36 < s['fig1_before_min'] <= s['fig1_before_max'] < 0.47
+    assert 0.83 < s['fig2_branch_min'] <= s['fig2_branch_max'] < 0.89
+    assert s['fig2_residual_at_0.2'] < s['fig2_residual_at_5'] < 1.0
+    md = (tmp_path / 'mt.md').read_text()
+    assert 'Figure' in md or 'Fig. 1' in md and '0.87 / 0.94 / 0.996' in md
+
+
+def test_module_tests_main_real_network_tiny(tmp_path):
+    _need_shared('data', 'pets370')
+    r = module_tests.main(['--part', 'real', '--model', 'resnet10t', '--num-images', '2', '--img-size', '64',
+                           '--num-masks', '2', '--out-dir', str(tmp_path), '--name', 'mtr'])
+    _check_meta(r, tmp_path / 'mtr.json')
+    rn = r['real_network']
+    assert len(rn['settings']['image_names']) == 2 and all(n.endswith('.jpg') for n in rn['settings']['image_names'])
+    names = [v['name'] for v in rn['variants']]
+    assert names[0] == 'none' and 'head:before_pool' in names and 'recommended+before_pool' in names
+    for v in rn['variants']:
+        assert set(v['bn_ratio']) == set(rn['settings']['bn_layers'])
+        assert all(math.isfinite(x) and x > 0 for x in v['bn_ratio'].values())
+        assert 0.0 <= v['top1_flip_rate'] <= 1.0
+    none = rn['variants'][0]
+    assert none['bn_shifted_count'] == 0 and none['logit_var_over_masks'] == 0.0
+    assert (tmp_path / 'mtr_bn_shift.png').stat().st_size > 0 and (tmp_path / 'mtr_logit_var.png').stat().st_size > 0
+    assert '| head:before_pool |' in (tmp_path / 'mtr.md').read_text()
+
+
+# ---------------------------------------------------------------- cifar10.py
+
+def test_augment_is_a_padded_crop_or_its_flip():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(1, 2 * 3 * 8 * 8 + 1).reshape(2, 3, 8, 8).to(torch.uint8)
+    out = cifar10.augment(x.repeat(16, 1, 1, 1), g, pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2)).repeat(16, 1, 1, 1)
+    flips = 0
+    for i in range(len(out)):
+        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        plain = any(torch.equal(out[i], w) for w in windows)
+        flipped = any(torch.equal(out[i].flip(-1), w) for w in windows)
+        assert plain or flipped, i
+        flips += int(flipped and not plain)
+    assert 4 <= flips <= 28  # about half of 32 flipped
+    assert torch.equal(cifar10.augment(x, torch.Generator().manual_seed(1), pad=0).sum(), x.sum())
+
+
+def test_milestones_scale_the_paper_schedule():
+    assert cifar10.milestones(164) == [82, 123]
+    assert cifar10.milestones(2) == [1, 2]
+
+
+def test_cifar10_main_tiny(tmp_path):
+    _need_shared('data', 'cifar10', 'cifar10-jpeg.npz')
+    r = cifar10.main(['--profile', 'cpu-smoke', '--epochs', '2', '--train-subset', '64', '--test-subset', '32',
+                      '--seeds', '0', '1', '--variants', 'recommended+before_pool', '--out-dir', str(tmp_path),
+                      '--name', 'c10'])
+    _check_meta(r, tmp_path / 'c10.json')
+    assert 'smoke' in r['meta']['label'] and 'JPEG' in r['data'] and not r['incomplete']
+    assert r['settings']['n_train'] == 64 and r['settings']['n_test'] == 32
+    assert len(r['runs']) == 4
+    for run in r['runs']:
+        assert 0.0 <= run['test_acc'] <= 1.0 and math.isfinite(run['final_train_loss'])
+        assert run['steps'] == 2 and [h['epoch'] for h in run['history']] == [1, 2]
+        assert run['history'][-1]['lr'] == pytest.approx(0.001)  # two x0.1 steps after 2 epochs
+    rows = r['summary']['preresnet20_cifar']
+    assert set(rows) == {'none', 'recommended+before_pool'}
+    d = rows['recommended+before_pool']['diff_vs_none']
+    assert d['n'] == 2 and d['ci_low'] <= d['mean'] <= d['ci_high']
+    assert d['mean'] == pytest.approx(rows['recommended+before_pool']['mean'] - rows['none']['mean'])
+    # same seed, same init and batches: the no-dropout runs are reproducible bit for bit
+    again = cifar10.train_run('preresnet20_cifar', 'none', 0, cifar10.load_cifar10(None, 64, 32), epochs=2)
+    assert again['test_acc'] == r['runs'][0]['test_acc'] and again['final_train_loss'] == r['runs'][0]['final_train_loss']
+    md = (tmp_path / 'c10.md').read_text()
+    assert 'lossy q75 JPEG' in md and 'smoke' in md and '| recommended+before_pool |' in md
+    assert (tmp_path / 'c10.png').stat().st_size > 0
+
+
+def test_cifar10_budget_guard_and_calibration(tmp_path):
+    _need_shared('data', 'cifar10', 'cifar10-jpeg.npz')
+    data = cifar10.load_cifar10(None, 256, 32)
+    cal = cifar10.calibrate_epochs('preresnet20_cifar', ['none'], 4, data, budget_s=1e6, batch_size=64, amp=False,
+                                   min_epochs=2, max_epochs=7, warmup_steps=1, timed_steps=2)
+    assert cal['epochs'] == 7 and cal['step_s'] > 0          # a huge budget hits the cap
+    cal = cifar10.calibrate_epochs('preresnet20_cifar', ['none'], 4, data, budget_s=1e-3, batch_size=64, amp=False,
+                                   min_epochs=2, max_epochs=7, warmup_steps=1, timed_steps=2)
+    assert cal['epochs'] == 2                                # a tiny one hits the floor
+    r = cifar10.main(['--profile', 'cpu-smoke', '--epochs', '1', '--train-subset', '64', '--test-subset', '32',
+                      '--seeds', '0', '--time-budget-s', '0.001', '--out-dir', str(tmp_path), '--name', 'c10b'])
+    assert r['incomplete'] and len(r['runs']) == 1 and len(r['not_run']) == 2
+    assert 'incomplete' in (tmp_path / 'c10b.md').read_text()
