@@ -1,0 +1,164 @@
+"""Does the placement help when fine-tuning? The ImageNet ResNet-50 on real Pets images, variants x folds x seeds.
+
+All 370 images of ``../shared/data/pets370`` (37 breeds x 10) are split into ``--folds`` stratified folds (2 images
+per breed each for 5 folds). For every fold, every variant of ``finetune bench`` is trained with the same budget
+from the same weights, seed by seed; the paired unit is (fold, seed), so a variant is compared with no dropout on
+exactly the same data, order and head initialisation.
+
+Profiles (``--profile``):
+    cpu    96 px, 4 epochs, 5 folds x 1 seed, 7 variants: sized for about 2 h on 2 otherwise idle CPU cores
+    gpu    224 px, 15 epochs, 5 folds x 3 seeds, 7 variants: the setting to run on one GPU
+    smoke  48 px, 1 epoch, 2 folds x 1 seed, 2 variants: proves the script (not evidence)
+
+Example:
+    python benchmarks/pets_fewshot.py --profile cpu        # results in benchmarks/results/pets_fewshot_cpu.*
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO_ROOT, command_line, shared_dir, utc_now, write_result  # noqa: E402
+
+PROFILES: dict[str, dict[str, Any]] = {
+    'cpu': dict(img_size=96, epochs=4, folds=5, seeds=[0], batch_size=32,
+                variants=['none', 'timm_default', 'head_only', 'branch_only', 'recommended',
+                          'branch_before_last_conv', 'branch_after_add']),
+    'gpu': dict(img_size=224, epochs=15, folds=5, seeds=[0, 1, 2], batch_size=32,
+                variants=['none', 'timm_default', 'head_only', 'branch_only', 'recommended',
+                          'branch_before_last_conv', 'branch_after_add', 'branch_start']),
+    'smoke': dict(img_size=48, epochs=1, folds=2, seeds=[0], batch_size=16, variants=['none', 'recommended']),
+}
+BASELINE = 'none'
+# the recipe is written out, not taken from TrainConfig's defaults, so that tuning the toolkit's defaults later
+# does not silently change what a committed result measured
+RECIPE = dict(optimizer='adamw', lr=1e-3, backbone_lr_mult=0.1, weight_decay=0.05, warmup_epochs=1.0,
+              min_lr_ratio=0.01, label_smoothing=0.1, rrc_scale_min=0.35, mixed_precision='no')
+
+
+def make_folds(data_dir: str | Path, work_dir: str | Path, folds: int) -> list[Path]:
+    """Stratified folds over trainval + test as ImageFolder trees of symlinks: ``work_dir/fold_k/{train,val}``.
+
+    Within a breed, images are ordered by name and dealt round-robin into folds, so every fold holds the same number
+    of images of every breed and the split is the same on every machine.
+
+    Example:
+        >>> make_folds('../shared/data/pets370', '/tmp/pets_folds', 5)[0].name     # doctest: +SKIP
+        'fold_0'
+    """
+    from finetune.data import pets_samples
+    samples, classes = [], None
+    for split in ('trainval', 'test'):
+        s, classes = pets_samples(data_dir, split)
+        samples += s
+    by_class: dict[int, list[str]] = {}
+    for path, label in sorted(samples):
+        by_class.setdefault(label, []).append(path)
+    smallest = min(len(v) for v in by_class.values())
+    if smallest < folds:
+        raise ValueError(f'{folds} folds need at least {folds} images per class; the smallest class has {smallest}.')
+    out = []
+    for k in range(folds):
+        root = Path(work_dir) / f'fold_{k}'
+        for label, paths in by_class.items():
+            for i, path in enumerate(paths):
+                split = 'val' if i % folds == k else 'train'
+                link = root / split / classes[label] / Path(path).name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to(Path(path).resolve())
+        out.append(root)
+    return out
+
+
+def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights: Path,
+        variants: Sequence[str] | None = None, folds: int | None = None, seeds: Sequence[int] | None = None,
+        argv: Sequence[str] | None = None, report_only: bool = False) -> dict[str, Any]:
+    """Train the grid (resuming finished runs) and write ``<out_prefix>.json``, ``.md`` and ``.png``.
+
+    With ``report_only`` nothing is trained: the runs finished so far are summarised, and the result is labelled
+    partial when some are missing.
+    """
+    from finetune.bench import VARIANTS, plot_results, results_markdown, run_bench, summarize_runs
+    from finetune.config import TrainConfig
+    p = dict(PROFILES[profile])
+    variants = list(variants or p['variants'])
+    folds = folds or p['folds']
+    seeds = list(seeds if seeds is not None else p['seeds'])
+    started, t0 = utc_now(), time.time()
+    fold_dirs = make_folds(data_dir, work_dir / 'folds', folds)
+    base = TrainConfig(dataset='imagefolder', model='resnet50', pretrained_file=str(weights), v1_strides=True,
+                       img_size=p['img_size'], epochs=p['epochs'], batch_size=p['batch_size'], log_with='none',
+                       cache_dir=str(work_dir / 'cache'), **RECIPE)
+    runs: dict[str, dict[int, dict]] = {}
+    missing = 0
+    for k, fold_dir in enumerate(fold_dirs):
+        cfg = base.replace(data_dir=str(fold_dir), output_dir=str(work_dir / f'fold_{k}'))
+        if not report_only:
+            print(f'pets_fewshot: fold {k + 1}/{folds}', flush=True)
+            run_bench(cfg, variants, seeds, baseline=BASELINE)
+        for name in variants:
+            for s in seeds:
+                done = work_dir / f'fold_{k}' / 'runs' / name / f'seed_{s}' / 'metrics.json'
+                if done.is_file():
+                    runs.setdefault(name, {})[k * 1000 + s] = json.loads(done.read_text())
+                else:
+                    missing += 1
+    if BASELINE not in runs:
+        raise SystemExit(f'no finished {BASELINE!r} run under {work_dir}: nothing to compare yet')
+    setup = dict(model='resnet50 (ImageNet weights of shared/weights/resnet50_keras_in1k, v1 strides)',
+                 dataset=f'pets370, {folds} stratified folds over all 370 images', data_dir=str(data_dir),
+                 epochs=p['epochs'], img_size=p['img_size'], seeds=seeds, folds=folds,
+                 pairing='unit = (fold, seed); key = fold * 1000 + seed', config=base.to_dict())
+    results = summarize_runs(runs, BASELINE, {k: v[1] for k, v in VARIANTS.items()}, setup)
+    wall = time.time() - t0
+    total = len(variants) * len(seeds) * folds
+    label = ('smoke: proves the script, not evidence' if profile == 'smoke' else
+             f'partial: {total - missing} of {total} runs finished' if missing else None)
+    written = write_result(out_prefix.with_suffix('.json'), results, command=command_line(argv, 'benchmarks/pets_fewshot.py'),
+                           seeds=seeds, wall_time_s=wall, started_at=started, label=label)
+    md = results_markdown(results, heading=False)
+    meta = written['meta']
+    header = (f"# pets370 few-shot fine-tuning ({profile} profile)\n\n"
+              f"{setup['model']}; {setup['dataset']}; {p['epochs']} epochs at {p['img_size']} px, seeds {seeds}; "
+              f"pairs = (fold, seed).\n\nCommand: `{meta['command']}`  \nMachine: {meta['machine'].get('processor', '')} "
+              f"({meta['machine'].get('cpu_count', '?')} cores), torch {meta['machine'].get('torch', '')}  \n"
+              f"Date: {meta['date_utc']}, wall time {wall / 60:.1f} min\n"
+              + (f'\n**{label}**\n' if label else '') + '\n')
+    out_prefix.with_suffix('.md').write_text(header + md)
+    plot_results(results, out_prefix.with_suffix('.png'))
+    print(header + md)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--profile', choices=sorted(PROFILES), default='cpu')
+    parser.add_argument('--variants', nargs='+', help='override the profile\'s variants (see finetune bench)')
+    parser.add_argument('--folds', type=int)
+    parser.add_argument('--seeds', type=int, nargs='+')
+    parser.add_argument('--work-dir', default=None, help='runs and caches (default runs/pets_fewshot_<profile>)')
+    parser.add_argument('--report-only', action='store_true',
+                        help='summarise the finished runs without training (partial results are labelled)')
+    parser.add_argument('--out', default=None,
+                        help='result prefix (default benchmarks/results/pets_fewshot_<profile>)')
+    args = parser.parse_args(argv)
+    shared = shared_dir()
+    work = Path(args.work_dir or REPO_ROOT / 'runs' / f'pets_fewshot_{args.profile}')
+    out = Path(args.out or REPO_ROOT / 'benchmarks' / 'results' / f'pets_fewshot_{args.profile}')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run(args.profile, work, out, shared / 'data' / 'pets370', shared / 'weights' / 'resnet50_keras_in1k',
+        args.variants, args.folds, args.seeds, argv, report_only=args.report_only)
+    return 0
+
+
+if __name__ == '__main__':
+    os.environ.setdefault('MPLBACKEND', 'Agg')
+    sys.exit(main())
