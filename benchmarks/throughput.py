@@ -6,8 +6,8 @@ In one run on one machine, with repeats:
     each JPEG with PIL and runs ``RandomResizedCrop`` + ``ToTensor`` every epoch, a default ``DataLoader``
     (``shuffle=True``, no pinned memory, workers restarted each epoch), normalization on the device, fp32, NCHW.
     (cv_example freezes the backbone; here both paths train every layer, so the model work is the same.)
-(b) **toolkit** (``finetune/fastdata.py``): decode-once uint8 cache, ``BatchAugment`` (on the GPU, or inside the
-    loader workers on CPU), pinned memory and persistent workers, channels_last, bf16 autocast where it is fast
+(b) **toolkit** (``finetune/fastdata.py``): decode-once uint8 cache, ``BatchAugment`` (on the GPU; on CPU the
+    crops run in the loader workers and normalization in the training process), pinned memory and persistent workers, channels_last, bf16 autocast where it is fast
     (CUDA with bf16, or a CPU with AMX).
 
 Measured: images/s of the loader alone (model-ready normalized float batches on the device, augmentation
@@ -126,18 +126,23 @@ class _Resampled(Dataset):
 
 
 def toolkit_loader(cache_path: Path, img_size: int, batch: int, workers: int, epoch_images: int, seed: int,
-                   device: torch.device) -> tuple[DataLoader, Optional[torch.nn.Module]]:
-    """Cached loader; returns (loader, augment to run on the device or None when the workers run it)."""
+                   device: torch.device) -> tuple[DataLoader, Callable[[torch.Tensor], torch.Tensor]]:
+    """Cached loader; returns (loader, what the training process applies to each batch on the device)."""
     from finetune.fastdata import BatchAugment, CachedDataset, make_fast_loader
-    aug = BatchAugment(img_size, MEAN, STD, train=True, scale=RRC_SCALE, channels_last=True)
+    aug = BatchAugment(img_size, MEAN, STD, train=True, scale=RRC_SCALE)  # the step makes it channels_last
     ds = CachedDataset(cache_path)
     if epoch_images != len(ds):
         ds = _Resampled(ds, epoch_images)
-    on_cpu = device.type == 'cpu'
-    # on CPU the workers augment (in parallel to the step, as PIL transforms would); on a GPU the GPU does
+    if device.type == 'cpu':
+        # CPU: the workers crop/flip/resize uint8 batches (in parallel to the step, as PIL transforms would),
+        # the training process normalizes them
+        loader = make_fast_loader(ds, batch, shuffle=True, num_workers=workers, pin_memory=True,
+                                  persistent_workers=True, seed=seed, batch_transform=aug.resample)
+        return loader, aug.normalize
+    # accelerator: the loader only reads uint8 batches, the whole augmentation runs on the device
     loader = make_fast_loader(ds, batch, shuffle=True, num_workers=workers, pin_memory=True,
-                              persistent_workers=True, seed=seed, batch_transform=aug if on_cpu else None)
-    return loader, (None if on_cpu else aug.to(device))
+                              persistent_workers=True, seed=seed)
+    return loader, aug.to(device)
 
 
 def to_model_input(path: str, batch, device: torch.device, aug) -> tuple[torch.Tensor, torch.Tensor]:

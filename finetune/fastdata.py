@@ -7,7 +7,8 @@ work in two:
 
 1. :func:`build_cache` decodes every image **once** (PIL, shortest side resized to ``short_side``, then a
    center crop to ``short_side x short_side``) and stores all of them as one uint8 ``.npy`` array
-   ``[N, 3, S, S]`` that is memory-mapped afterwards. The file is keyed by a hash of the file paths, sizes,
+   ``[N, S, S, 3]`` (pixel-interleaved, as decoded, so batches come out channels_last) that is memory-mapped
+   afterwards. The file is keyed by a hash of the file paths, sizes,
    mtimes, labels, ``short_side`` and interpolation, so a changed dataset or size builds a new file.
 2. :class:`CachedDataset` serves ``(uint8 [3, S, S] tensor, label)`` from that memory map (no decode), and
    :class:`BatchAugment` does random-resized-crop, flip and normalization on the whole uint8 batch, on
@@ -64,7 +65,7 @@ __all__ = [
     'load_and_resize',
 ]
 
-_CACHE_VERSION = 1  # bump when the on-disk layout or the resize recipe changes, so old caches rebuild
+_CACHE_VERSION = 2  # bump when the on-disk layout or the resize recipe changes, so old caches rebuild
 _PIL_INTERP = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC, 'nearest': Image.NEAREST}
 
 
@@ -73,7 +74,7 @@ class CacheInfo:
     """What :func:`build_cache` made (or found).
 
     Attributes:
-        path: the ``.npy`` file, uint8 ``[n_images, 3, S, S]``; give it to :class:`CachedDataset`.
+        path: the ``.npy`` file, uint8 ``[n_images, S, S, 3]``; give it to :class:`CachedDataset`.
         labels: label of each cached image, in cache order.
         n_skipped: number of samples that could not be decoded (corrupt, truncated, missing) and were left out.
         skipped: paths of those samples.
@@ -136,11 +137,15 @@ def load_and_resize(path: str, short_side: int, interpolation: str = 'bilinear')
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def _load_hwc(path: str, short_side: int, interpolation: str) -> np.ndarray:
+    return load_and_resize(path, short_side, interpolation).transpose(1, 2, 0)  # a view: no copy
+
+
 def _load_or_none(args: tuple[str, int, str]) -> Optional[np.ndarray]:
     """Pool worker: a decode failure is data, not a crash (it is counted by the caller)."""
     path, short_side, interpolation = args
     try:
-        return load_and_resize(path, short_side, interpolation)
+        return np.ascontiguousarray(_load_hwc(path, short_side, interpolation))
     except Exception:  # noqa: BLE001 - any unreadable image (truncated, not an image, missing) is skipped
         return None
 
@@ -238,7 +243,7 @@ def build_cache(
     os.close(fd)
     tmp_compact = None
     try:
-        arr = np.lib.format.open_memmap(tmp_npy, mode='w+', dtype=np.uint8, shape=(n, 3, short_side, short_side))
+        arr = np.lib.format.open_memmap(tmp_npy, mode='w+', dtype=np.uint8, shape=(n, short_side, short_side, 3))
         kept: list[int] = []
         if num_workers > 1:
             # fork keeps startup cheap; the workers only run PIL/numpy, never torch
@@ -258,7 +263,7 @@ def build_cache(
             fd, tmp_compact = tempfile.mkstemp(dir=cache_dir, prefix=stem + '.', suffix='.npy.tmp')
             os.close(fd)
             dst = np.lib.format.open_memmap(
-                tmp_compact, mode='w+', dtype=np.uint8, shape=(len(kept), 3, short_side, short_side))
+                tmp_compact, mode='w+', dtype=np.uint8, shape=(len(kept), short_side, short_side, 3))
             for start in range(0, len(kept), 256):  # rows are already dense; copy in chunks to bound memory
                 dst[start:start + 256] = src[start:min(start + 256, len(kept))]
             dst.flush()
@@ -348,7 +353,7 @@ class CachedDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
-        img = torch.from_numpy(np.array(self._array()[idx]))  # copy: the map is read-only
+        img = torch.from_numpy(np.array(self._array()[idx])).permute(2, 0, 1)  # copy: the map is read-only
         return img, self.labels[idx]
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
@@ -356,17 +361,21 @@ class CachedDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         order = np.argsort(idx, kind='stable')
         shape = (len(idx),) + arr.shape[1:]
-        if torch.utils.data.get_worker_info() is not None:
-            # in a DataLoader worker, fill shared memory directly (what default_collate does) so the batch is
-            # not copied again on its way to the main process
-            images = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(int(np.prod(shape))))
-            images = images.view(shape)
-        else:
-            images = torch.empty(shape, dtype=torch.uint8)
+        images = _empty_uint8(shape)
         images.numpy()[order] = arr[idx[order]]  # one sorted read, then back to the sampler's order
+        images = images.permute(0, 3, 1, 2)  # [B, 3, S, S] with channels_last strides, no copy
         out = _Batch((images[k], self.labels[i]) for k, i in enumerate(indices))
         out.images, out.labels = images, torch.tensor([self.labels[i] for i in indices], dtype=torch.int64)
         return out
+
+
+def _empty_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+    """A new uint8 tensor; in a DataLoader worker it lives in shared memory (what default_collate does), so
+    the batch is not copied again on its way to the main process."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
 
 
 class _Batch(list):
@@ -416,9 +425,10 @@ def make_fast_loader(
         persistent_workers: keep workers (and their memory maps) alive across epochs; only if ``num_workers > 0``.
         seed: seeds the shuffle order and the workers' torch RNG, so two loaders with the same seed yield the
             same batches (and, with ``batch_transform``, the same augmentations).
-        batch_transform: optional callable run on each stacked uint8 batch inside the workers, e.g. a
-            ``BatchAugment`` when training on CPU (then augmentation runs in parallel to the training step, as
-            PIL transforms would); leave it ``None`` on a GPU and run ``BatchAugment`` there instead.
+        batch_transform: optional callable run on each stacked uint8 batch inside the workers. When training
+            on CPU pass ``augment.resample`` of a ``BatchAugment`` (crops run in parallel to the training step,
+            as PIL transforms would, and uint8 batches are cheap to pass) and call ``augment.normalize`` on the
+            batches in the training loop. On a GPU leave it ``None`` and run the whole ``augment`` there.
 
     Example::
 
@@ -450,12 +460,15 @@ class BatchAugment(nn.Module):
         crop_pct: eval crop fraction, as in timm's eval transform.
         channels_last: return the batch in channels_last memory format.
 
-    All crops of a batch are resampled in one bilinear ``grid_sample`` call (no Python loop per image). With
-    ``S = floor(img_size / crop_pct)`` a crop is shrunk by at most ``1 / crop_pct`` (1.14x), where bilinear
-    sampling needs no antialiasing; when some crop is shrunk by more than 1.5x (a cache much larger than
-    ``img_size``) the batch goes through ``torchvision.ops.roi_align`` instead, which averages several samples
-    per output pixel like PIL's antialiased resize. Randomness comes from ``generator`` if given to
-    ``forward``, else from torch's global RNG.
+    On an accelerator all crops of a batch are resampled in one bilinear ``grid_sample`` call (no Python loop
+    per image). With ``S = floor(img_size / crop_pct)`` a crop is shrunk by at most ``1 / crop_pct`` (1.14x),
+    where bilinear sampling needs no antialiasing; when some crop is shrunk by more than 1.5x (a cache much
+    larger than ``img_size``) the batch goes through ``torchvision.ops.roi_align`` instead, which averages
+    several samples per output pixel like PIL's antialiased resize. On CPU a uint8 batch takes a faster route:
+    one antialiased uint8 resize per crop (same boxes and flips, values within a grey level or two of the
+    batched path). Randomness comes from ``generator`` if given to ``forward``, else from torch's global RNG.
+    ``resample`` and ``normalize`` are the two halves of ``forward`` (e.g. resample in loader workers, where
+    uint8 batches are cheap to pass, normalize in the training process).
 
     Example::
 
@@ -534,23 +547,60 @@ class BatchAugment(nn.Module):
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """uint8 (or float in 0..255) ``[B, 3, H, W]`` on any device -> float32 normalized ``[B, 3, img, img]``."""
+        return self.normalize(self.resample(x, generator), inplace=True)  # resample's output is ours to reuse
+
+    def resample(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The geometric part alone: crops/flips (train) or the center crop (eval), resized to ``img_size``.
+
+        Keeps pixel values in 0..255; a uint8 batch on CPU stays uint8 (a quarter of the bytes to move between
+        processes), on other devices train crops come out float32. ``normalize`` finishes the job.
+        """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f'BatchAugment expects a [B, 3, H, W] batch, got shape {tuple(x.shape)}')
-        out = self._random_crop(x, generator) if self.train_mode else self._center(x)
+        if not self.train_mode:
+            return self._center(x)
+        b, _, height, width = x.shape
+        boxes = self.sample_boxes(b, height, width, generator)
+        flip = torch.rand(b, generator=generator) < self.hflip if self.hflip > 0 else torch.zeros(b, dtype=torch.bool)
+        if x.device.type == 'cpu' and x.dtype == torch.uint8:
+            return self._crops_uint8_cpu(x, boxes, flip)
+        return self._crops_grid(x, boxes, flip)
+
+    def normalize(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """0..255 values -> float32 ``(x / 255 - mean) / std``, in the requested memory format.
+
+        A float32 input is modified in place only with ``inplace=True``.
+        """
+        if x.dtype != torch.float32:
+            out = x.float()
+        else:
+            out = x if inplace else x.clone()
         out = out.mul_(self.mul.to(x.device)).sub_(self.sub.to(x.device))
         if self.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out
 
-    def _random_crop(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def _crops_uint8_cpu(self, x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """CPU: one antialiased uint8 resize per crop. Unlike the batched float path this loops in Python, but
+        torch's uint8 bilinear-antialias kernel (the one torchvision uses) on the channels_last cache batch plus
+        uint8 output is several times cheaper than converting the whole batch to float for ``grid_sample``, and
+        it antialiases like PIL at any shrink factor."""
+        size = (self.img_size, self.img_size)
+        out = _empty_uint8((x.shape[0], 3) + size)
+        for i, (x1, y1, x2, y2) in enumerate(boxes.to(torch.int64).tolist()):
+            crop = F.interpolate(x[i:i + 1, :, y1:y2, x1:x2], size=size, mode='bilinear', align_corners=False,
+                                 antialias=True)
+            out[i] = crop[0].flip(-1) if flip[i] else crop[0]
+        return out
+
+    def _crops_grid(self, x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Accelerators: all crops in one batched resampling call, float32 out."""
         b, _, height, width = x.shape
         out_size = self.img_size
-        boxes = self.sample_boxes(b, height, width, generator)
-        flip = torch.rand(b, generator=generator) < self.hflip if self.hflip > 0 else torch.zeros(b, dtype=torch.bool)
         shrink = float(torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).max()) / out_size
         if shrink > 1.5:
             # Bilinear sampling aliases when a crop is shrunk a lot (a cache much larger than img_size):
-            # roi_align averages several samples per output pixel instead. Slower on CPU, so only here.
+            # roi_align averages several samples per output pixel instead.
             from torchvision.ops import roi_align  # local: keeps `import finetune` light
             rois = torch.cat([torch.arange(b, dtype=torch.float64)[:, None], boxes], dim=1)
             out = roi_align(x.float(), rois.to(device=x.device, dtype=torch.float32),
@@ -579,8 +629,12 @@ class BatchAugment(nn.Module):
         crop = self.img_size * min(height, width) / scale_size
         ch = cw = int(round(crop))
         top, left = int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0))
-        out = x[:, :, top:top + ch, left:left + cw].float()
+        out = x[:, :, top:top + ch, left:left + cw]
         if (ch, cw) != (self.img_size, self.img_size):
+            if not (out.device.type == 'cpu' and out.dtype == torch.uint8):  # uint8 antialias: CPU kernel only
+                out = out.float()
             out = F.interpolate(out, size=(self.img_size, self.img_size), mode='bilinear', align_corners=False,
-                                antialias=True).clamp_(0, 255)
+                                antialias=True)
+            if out.is_floating_point():
+                out = out.clamp_(0, 255)
         return out.contiguous()

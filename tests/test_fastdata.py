@@ -133,21 +133,36 @@ def test_batch_augment_shapes_dtype_normalization():
 
 
 def test_train_full_crop_matches_plain_resize_and_flip():
-    """scale=ratio=1 crops the whole square: a bilinear resize; hflip=1 mirrors it."""
+    """scale=ratio=1 crops the whole square: a plain resize; hflip=1 mirrors it. Checked for both routes:
+    uint8 on CPU (antialiased uint8 resize per crop) and float (the batched grid_sample used on GPUs)."""
     torch.manual_seed(0)
     x = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
     ident = dict(mean=(0, 0, 0), std=(1 / 255,) * 3, train=True, scale=(1, 1), ratio=(1, 1))
-    ref = torch.nn.functional.interpolate(x.float(), size=32, mode='bilinear', align_corners=False)
-    assert torch.allclose(BatchAugment(32, hflip=0.0, **ident)(x), ref, atol=1e-3)
-    assert torch.allclose(BatchAugment(32, hflip=1.0, **ident)(x), ref.flip(3), atol=1e-3)
-    # a 4x shrink goes through roi_align (area averaging): much closer to an antialiased resize than plain
-    # bilinear sampling, which aliases on this noise image
-    big = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
     interp = torch.nn.functional.interpolate
-    aa = interp(big.float(), size=24, mode='bilinear', antialias=True, align_corners=False)
-    aliased = interp(big.float(), size=24, mode='bilinear', antialias=False, align_corners=False)
+    ref_u8 = interp(x, size=32, mode='bilinear', antialias=True, align_corners=False).float()
+    ref_f = interp(x.float(), size=32, mode='bilinear', align_corners=False)
+    assert torch.equal(BatchAugment(32, hflip=0.0, **ident)(x), ref_u8)
+    assert torch.equal(BatchAugment(32, hflip=1.0, **ident)(x), ref_u8.flip(3))
+    assert torch.allclose(BatchAugment(32, hflip=0.0, **ident)(x.float()), ref_f, atol=1e-3)
+    assert torch.allclose(BatchAugment(32, hflip=1.0, **ident)(x.float()), ref_f.flip(3), atol=1e-3)
+    # a 4x shrink on the float route goes through roi_align (area averaging): much closer to an antialiased
+    # resize than plain bilinear sampling, which aliases on this noise image
+    big = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8).float()
+    aa = interp(big, size=24, mode='bilinear', antialias=True, align_corners=False)
+    aliased = interp(big, size=24, mode='bilinear', antialias=False, align_corners=False)
     out = BatchAugment(24, hflip=0.0, **ident)(big)
     assert (out - aa).abs().mean() < 0.5 * (aliased - aa).abs().mean()
+
+
+def test_cpu_and_batched_routes_agree_on_natural_images():
+    """Same generator -> same boxes and flips on both routes; pixels differ only by the resampling filter."""
+    torch.manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(4, 3, 16, 16) * 255, size=64, mode='bicubic',
+                                             align_corners=False).clamp(0, 255).round().to(torch.uint8)
+    aug = BatchAugment(56, mean=(0, 0, 0), std=(1 / 255,) * 3, train=True)
+    cpu = aug(smooth, generator=torch.Generator().manual_seed(1))
+    grid = aug(smooth.float(), generator=torch.Generator().manual_seed(1))
+    assert (cpu - grid).abs().mean() < 2.0  # grey levels
 
 
 def test_determinism_with_seeded_generator():
