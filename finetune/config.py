@@ -56,6 +56,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     label_smoothing: float = 0.1
+    freeze_bn_stats: bool = False         # keep the pretrained BatchNorm running statistics while fine-tuning
     epochs: int = 6
     batch_size: int = 32
     grad_accum: int = 1
@@ -136,6 +137,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--warmup-epochs', type=float, default=d.warmup_epochs)
     g.add_argument('--min-lr-ratio', type=float, default=d.min_lr_ratio)
     g.add_argument('--label-smoothing', type=float, default=d.label_smoothing)
+    g.add_argument('--freeze-bn-stats', action='store_true',
+                   help='BatchNorm layers normalise with their pretrained running statistics during training '
+                        '(their scale/shift still train); helps when batches are small and few')
     g.add_argument('--epochs', type=int, default=d.epochs)
     g.add_argument('--batch-size', type=int, default=d.batch_size, help='per process')
     g.add_argument('--grad-accum', type=int, default=d.grad_accum)

@@ -216,6 +216,8 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     eval_logits = eval_targets = None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
+        if cfg.freeze_bn_stats:
+            freeze_bn_stats(model)
         train_loader.set_epoch(epoch)
         t0, loss_sum, n_batches = time.time(), torch.zeros((), device=accelerator.device), 0
         bar = tqdm(total=len(train_loader), desc=f'epoch {epoch + 1}/{cfg.epochs}', leave=False,
@@ -292,6 +294,20 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def freeze_bn_stats(model: torch.nn.Module) -> torch.nn.Module:
+    """Put every BatchNorm layer in eval mode (running statistics used and kept), the rest stays in training.
+
+    Example:
+        >>> m = freeze_bn_stats(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).train())
+        >>> m[0].training, m[1].training
+        (True, False)
+    """
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
 
 
 def write_history(out: Path, history: list[dict]) -> None:
