@@ -17,8 +17,9 @@ The whole pipeline runs on one device: the decoded uint8 images live in a device
 run there on each batch. On CPU (``--profile cpu-smoke``) it is the same code path with ``device='cpu'``.
 
 Profiles:
-    cpu-smoke  PreResNet-20, 1,024 train / 500 test images, 2 epochs, 3 variants x 2 seeds: a few minutes on
-               2 CPU cores. Proves the script end to end; its numbers are labelled smoke and are not evidence.
+    cpu-smoke  PreResNet-20, 2,048 train / 500 test images, 3 epochs (48 steps), 2 variants x 2 seeds: a few
+               minutes on 2 idle CPU cores. Proves the script end to end; its numbers are labelled smoke and are
+               not evidence.
     gpu        sized for 10 minutes on one H100/H200: PreResNet-20 (9 variants) and PreResNet-56 (3 variants) x
                2 seeds on the full data, bf16 autocast, channels_last. The epoch count is set once per model by
                timing a few training steps and dividing the time budget evenly over its runs (the same epochs for
@@ -70,8 +71,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
 
 PROFILES: dict[str, dict[str, Any]] = {
     'cpu-smoke': dict(
-        models={'preresnet20_cifar': ['none', 'branch:recommended', 'recommended+before_pool']},
-        seeds=[0, 1], epochs=2, train_subset=1024, test_subset=500, batch_size=128, device='cpu', amp=False,
+        models={'preresnet20_cifar': ['none', 'recommended+before_pool']},
+        seeds=[0, 1], epochs=3, train_subset=2048, test_subset=500, batch_size=128, device='cpu', amp=False,
         time_budget_s=None, label='smoke: a few steps on a data subset; proves the script, not evidence'),
     'gpu': dict(
         models={
@@ -82,7 +83,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         # share of the training budget per model, epochs auto-sized from timed steps, clamped to [min, max]
         model_share={'preresnet20_cifar': 0.55, 'preresnet56_cifar': 0.45},
-        seeds=[0, 1], epochs='auto', min_epochs=4, max_epochs=164, train_subset=None, test_subset=None,
+        seeds=[0, 1], epochs='auto', min_epochs=4, max_epochs=164, calib_steps=40, train_subset=None, test_subset=None,
         batch_size=128, device='cuda', amp=True, time_budget_s=540,  # of the 600 s: whole script (data, calibration, runs), 60 s margin
         label='gpu profile: short schedule sized to 10 minutes on one GPU'),
 }
@@ -119,7 +120,7 @@ def load_cifar10(path: str | Path | None = None, train_subset: int | None = None
 
     Example:
         >>> d = load_cifar10(train_subset=256, test_subset=128)  # doctest: +SKIP
-        >>> d['x_train'].shape, d['x_train'].dtype
+        >>> d['x_train'].shape, d['x_train'].dtype  # doctest: +SKIP
         (torch.Size([256, 3, 32, 32]), torch.uint8)
     """
     import os
@@ -214,13 +215,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
 def train_run(model_name: str, variant: str, seed: int, data: dict[str, torch.Tensor], epochs: int,
               batch_size: int = 128, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
               branch_rate: float = 0.1, head_rate: float = 0.2, amp: bool = False,
-              max_steps: int | None = None) -> dict[str, Any]:
+              max_steps: int | None = None, time_from_step: int = 0) -> dict[str, Any]:
     """Train one variant from scratch with the paper's recipe; return final test accuracy and training stats.
 
-    ``max_steps`` stops early (used to time steps for the epoch budget; the result is then not a real run).
+    ``max_steps`` stops early and returns only the time of steps ``time_from_step + 1 .. max_steps``
+    (``timed_s``, ``timed_steps``): used to size the epoch budget, not a real run.
     """
     device = data['x_train'].device
     model = build_model(model_name, variant, branch_rate, head_rate, seed).to(device)
@@ -234,6 +241,7 @@ def train_run(model_name: str, variant: str, seed: int, data: dict[str, torch.Te
     x_all, y_all = data['x_train'], data['y_train']
     n = len(x_all)
     t0, steps, history = time.time(), 0, []
+    t_mark = t0
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(n, device=device, generator=gen)
@@ -255,10 +263,12 @@ def train_run(model_name: str, variant: str, seed: int, data: dict[str, torch.Te
             loss_sum += loss.detach().float() * len(idx)
             correct += (logits.detach().argmax(-1) == yb).sum()
             steps += 1
+            if max_steps is not None and steps == time_from_step:
+                _sync(device)
+                t_mark = time.time()
             if max_steps is not None and steps >= max_steps:
-                if device.type == 'cuda':
-                    torch.cuda.synchronize()
-                return {'steps': steps, 'wall_time_s': time.time() - t0}
+                _sync(device)
+                return {'steps': steps, 'timed_steps': steps - time_from_step, 'timed_s': time.time() - t_mark}
         sched.step()
         history.append({'epoch': epoch + 1, 'train_loss': loss_sum.item() / n, 'train_acc': correct.item() / n,
                         'lr': opt.param_groups[0]['lr']})
@@ -280,14 +290,28 @@ def calibrate_epochs(model_name: str, variants: Sequence[str], n_runs: int, data
     covers evaluation and per-epoch overhead.
     """
     variant = variants[-1]
-    train_run(model_name, variant, 0, data, epochs=1, batch_size=batch_size, amp=amp, max_steps=warmup_steps)
-    t = train_run(model_name, variant, 0, data, epochs=1, batch_size=batch_size, amp=amp, max_steps=timed_steps)
-    step_s = t['wall_time_s'] / t['steps']
+    # one run: the first warmup_steps (cudnn autotuning, allocator) are not timed; an epoch is long enough
+    # for both on the full data, and on a tiny subset the epochs simply repeat
+    total = warmup_steps + timed_steps
+    t = train_run(model_name, variant, 0, data, epochs=total, batch_size=batch_size, amp=amp, max_steps=total,
+                  time_from_step=warmup_steps)
+    step_s = t['timed_s'] / t['timed_steps']
     steps_per_epoch = math.ceil(len(data['x_train']) / batch_size)
-    epoch_s = step_s * steps_per_epoch * 1.10
-    epochs = int(budget_s / (n_runs * epoch_s))
-    return {'model': model_name, 'timed_variant': variant, 'step_s': step_s, 'epoch_s_est': epoch_s,
-            'budget_s': budget_s, 'runs': n_runs, 'epochs': max(min_epochs, min(max_epochs, epochs))}
+    return {'model': model_name, 'timed_variant': variant, 'step_s': step_s, 'epoch_s_est': step_s * steps_per_epoch,
+            'budget_s': budget_s, 'runs': n_runs,
+            'epochs': epochs_for_budget(step_s, steps_per_epoch, n_runs, budget_s, min_epochs, max_epochs)}
+
+
+def epochs_for_budget(step_s: float, steps_per_epoch: int, n_runs: int, budget_s: float, min_epochs: int,
+                      max_epochs: int, margin: float = 1.10) -> int:
+    """Most epochs per run such that ``n_runs`` runs fit ``budget_s`` (``margin`` covers eval and overhead).
+
+    Example:
+        >>> epochs_for_budget(0.004, 391, 18, 300.0, 4, 164)   # ~1.7 s per epoch, 18 runs, 5 minutes
+        9
+    """
+    epochs = int(budget_s / (n_runs * step_s * steps_per_epoch * margin))
+    return max(min_epochs, min(max_epochs, epochs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -395,6 +419,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument('--test-subset', type=int, default=None)
     p.add_argument('--time-budget-s', type=float, default=None, help='training budget (gpu: 540)')
     p.add_argument('--device', default=None, help="override the profile's device")
+    p.add_argument('--calib-steps', type=int, default=None,
+                   help='timed steps per model when epochs are auto (plus a third as many untimed warm-up steps)')
     p.add_argument('--branch-rate', type=float, default=0.1)
     p.add_argument('--head-rate', type=float, default=0.2)
     p.add_argument('--data', type=Path, default=None, help='path of cifar10-jpeg.npz (default: shared folder)')
@@ -412,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """
     args = parse_args(argv)
     prof = dict(PROFILES[args.profile])
-    for key in ('epochs', 'seeds', 'train_subset', 'test_subset', 'time_budget_s', 'device'):
+    for key in ('epochs', 'seeds', 'train_subset', 'test_subset', 'time_budget_s', 'device', 'calib_steps'):
         if getattr(args, key) is not None:
             prof[key] = getattr(args, key)
     models = {m: v for m, v in prof['models'].items() if args.models is None or m in args.models}
@@ -440,8 +466,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             # what is left of the budget (data loading and earlier calibrations are spent), split by model share
             shares = [prof['model_share'].get(m, 1.0) for m in list(models)[i:]]
             budget = (prof['time_budget_s'] - (time.time() - t0)) * shares[0] / sum(shares)
+            steps = prof.get('calib_steps', 40)
             cal = calibrate_epochs(model, variants, len(variants) * len(seeds), data, budget, prof['batch_size'], amp,
-                                   prof['min_epochs'], prof['max_epochs'])
+                                   prof['min_epochs'], prof['max_epochs'], warmup_steps=max(1, steps // 3),
+                                   timed_steps=steps)
             calibration[model] = cal
             epochs_per_model[model] = cal['epochs']
             print(f"[cifar10] {model}: {cal['step_s'] * 1000:.1f} ms/step -> {cal['epochs']} epochs per run", flush=True)
