@@ -94,7 +94,7 @@ def test_module_tests_main_figures(tmp_path):
     assert 0.83 < s['fig2_branch_min'] <= s['fig2_branch_max'] < 0.89
     assert s['fig2_residual_at_0.2'] < s['fig2_residual_at_5'] < 1.0
     md = (tmp_path / 'mt.md').read_text()
-    assert 'Figure' in md or 'Fig. 1' in md and '0.87 / 0.94 / 0.996' in md
+    assert 'Fig. 1' in md and '0.87 / 0.94 / 0.996' in md
 
 
 def test_module_tests_main_real_network_tiny(tmp_path):
