@@ -21,10 +21,10 @@ DATASET_NAMES = {'pets': 'Oxford-IIIT Pet', 'imagefolder': 'image folder'}
 TRAINING_CONFIG = 'training_config.json'
 EVAL_METRICS = 'eval_metrics.json'
 # config fields that describe the recipe (paths and bookkeeping stay out of the card)
-_RECIPE_KEYS = ('model', 'pretrained', 'pretrained_file', 'v1_strides', 'rewrite', 'optimizer', 'lr', 'backbone_lr_mult',
-                'weight_decay', 'warmup_epochs', 'min_lr_ratio', 'label_smoothing', 'freeze_bn_stats', 'epochs',
-                'batch_size', 'grad_accum', 'mixed_precision', 'img_size', 'rrc_scale_min', 'seed', 'fast_data',
-                'drop_rate')
+_RECIPE_KEYS = ('model', 'pretrained', 'pretrained_file', 'v1_strides', 'rewrite', 'optimizer', 'lr',
+                'backbone_lr_mult', 'weight_decay', 'warmup_epochs', 'min_lr_ratio', 'label_smoothing',
+                'freeze_bn_stats', 'epochs', 'batch_size', 'grad_accum', 'mixed_precision', 'img_size',
+                'rrc_scale_min', 'seed', 'fast_data', 'drop_rate')
 
 
 def _fmt(v: Any) -> str:
