@@ -356,6 +356,9 @@ def _markdown(result: dict[str, Any]) -> str:
         f"- paper, for context only (different model, 164 epochs, original CIFAR-10): {PAPER_CIFAR10['top1']} % "
         f"({PAPER_CIFAR10['model']})",
     ]
+    if 'smoke' in (meta.get('label') or ''):
+        lines.append('- the verdicts below describe a few dozen training steps on a data subset: they test the '
+                     'script, not the dropout placement')
     if result.get('incomplete'):
         lines.append(f"- **incomplete**: time budget reached; not run: {', '.join(result['not_run'])}")
     for model, rows in result['summary'].items():
@@ -382,20 +385,28 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     models = list(result['summary'])
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 1.5 + 0.4 * max(
+        len(result['summary'][m]) for m in models)), squeeze=False)
     for ax, model in zip(axes[0], models):
         rows = result['summary'][model]
         names = list(rows)
         means = [rows[v]['mean'] * 100 for v in names]
-        ax.barh(names, means, xerr=[rows[v]['std'] * 100 for v in names], color='tab:blue', alpha=0.7)
+        # mean ± std as points, not bars: the axis does not start at 0, and bar lengths would suggest it does
+        ax.errorbar(means, range(len(names)), xerr=[rows[v]['std'] * 100 for v in names], fmt='o', color='tab:blue',
+                    capsize=3, label='mean ± std')
         for i, v in enumerate(names):
-            ax.scatter([a * 100 for a in rows[v]['test_acc']], [i] * len(rows[v]['test_acc']), c='k', s=10, zorder=3)
+            ax.scatter([a * 100 for a in rows[v]['test_acc']], [i] * len(rows[v]['test_acc']), c='k', s=10, zorder=3,
+                       marker='|', label='seeds' if i == 0 else None)
+        ax.set_yticks(range(len(names)), names)
+        ax.legend(fontsize=7)
         lo = min(min(rows[v]['test_acc']) for v in names) * 100
         hi = max(max(rows[v]['test_acc']) for v in names) * 100
         ax.set_xlim(max(0.0, lo - 2), min(100.0, hi + 1))
-        ax.invert_yaxis()
+        ax.set_ylim(len(names) - 0.4, -0.6)  # first variant on top, room for the legend
         ax.set_xlabel('test top-1 % (CIFAR-10, lossy q75 JPEG copy)')
-        ax.set_title(f"{model}, {next(iter(rows.values()))['epochs']} epochs ({result['profile']})", fontsize=9)
+        label = result.get('meta', {}).get('label') or ''
+        ax.set_title(f"{model}, {next(iter(rows.values()))['epochs']} epochs ({result['profile']})"
+                     + ('\nSMOKE: not evidence' if 'smoke' in label else ''), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -413,11 +424,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument('--epochs', type=int, default=None, help="override the profile's epochs ('auto' in gpu)")
     p.add_argument('--seeds', type=int, nargs='+', default=None)
     p.add_argument('--models', nargs='+', default=None, help='restrict to these models of the profile')
-    p.add_argument('--variants', nargs='+', default=None, choices=sorted(VARIANTS),
-                   help="override each model's variants ('none' is always added: it is the paired baseline)")
+    p.add_argument('--variants', nargs='+', default=None, choices=sorted(VARIANTS), metavar='VARIANT',
+                   help=f"override each model's variants ('none' is always added: it is the paired baseline); "
+                        f"one of {', '.join(VARIANTS)}")
     p.add_argument('--train-subset', type=int, default=None)
     p.add_argument('--test-subset', type=int, default=None)
-    p.add_argument('--time-budget-s', type=float, default=None, help='training budget (gpu: 540)')
+    p.add_argument('--time-budget-s', type=float, default=None,
+                   help='seconds for the whole script: data, calibration and runs (gpu: 540)')
     p.add_argument('--device', default=None, help="override the profile's device")
     p.add_argument('--calib-steps', type=int, default=None,
                    help='timed steps per model when epochs are auto (plus a third as many untimed warm-up steps)')
