@@ -439,6 +439,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument('--data', type=Path, default=None, help='path of cifar10-jpeg.npz (default: shared folder)')
     p.add_argument('--out-dir', type=Path, default=_common.RESULTS_DIR)
     p.add_argument('--name', default=None, help='output stem (default cifar10_<profile>)')
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often faster on a busy shared machine)")
     return p.parse_args(argv)
 
 
@@ -450,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ...           '--test-subset', '128', '--out-dir', '/tmp/c10'])  # doctest: +SKIP
     """
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # recorded in the result's machine info
     prof = dict(PROFILES[args.profile])
     for key in ('epochs', 'seeds', 'train_subset', 'test_subset', 'time_budget_s', 'device', 'calib_steps'):
         if getattr(args, key) is not None:

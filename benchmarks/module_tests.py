@@ -21,8 +21,9 @@ For each branch position and head variant of :mod:`timm_dropfix`, a fresh copy i
 
 Usage::
 
-    python benchmarks/module_tests.py            # default: both parts, a few minutes on 2 CPU cores
-    python benchmarks/module_tests.py --quick    # smaller sweep and fewer images (about a minute)
+    python benchmarks/module_tests.py            # default: both parts (measured 18.5 min on a shared 2-core
+                                                 # machine under load ~10; far less on idle cores)
+    python benchmarks/module_tests.py --quick    # smaller sweeps, 8 images at 128 px (about 8x less work)
     python benchmarks/module_tests.py --part figures
 
 Outputs (``--out-dir``, default ``benchmarks/results``): ``module_tests[_quick].json``, ``.md``,
@@ -601,6 +602,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument('--seed', type=int, default=0, help='seed of the real-network dropout masks')
     p.add_argument('--out-dir', type=Path, default=_common.RESULTS_DIR)
     p.add_argument('--name', default=None, help='output file stem (default module_tests[_quick])')
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often faster on a busy shared machine)")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = dict(n=20_000 if quick else 100_000, seeds=[0] if quick else [0, 1, 2],
@@ -621,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ...           '--out-dir', '/tmp/mt_doctest'])  # doctest: +SKIP
     """
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # recorded in the result's machine info
     with torch.no_grad():  # a context, not set_grad_enabled(False): callers (tests) may train afterwards
         return _main(args, argv)
 
