@@ -576,9 +576,16 @@ def _markdown(result: dict[str, Any]) -> str:
                          f"{v['logit_var_over_masks']:.4g} | {v['logit_var_rel']:.3g} | {v['top1_flip_rate']:.3f} |")
         for name, why in r.get('skipped', {}).items():
             lines.append(f"| {name} | skipped: {why} | | | | | | |")
+        rec = next((v for v in r['variants'] if v['name'] == 'branch:recommended'), None)
+        if rec is not None and ' at ' in rec['summary']:
+            # 'recommended' resolves per block kind; say where it landed on this model
+            where = rec['summary'].split(' at ', 1)[1].split(';', 1)[0]
+            lines += ['', f'`branch:recommended` resolves on this model to {where} (same place and same mask seed as '
+                          f'the matching named position, hence identical numbers).']
         lines += ['', 'Head-only variants leave every BN ratio at exactly 1 (no BN follows the head dropout). '
                   'All variants use the same mask seed, so `head:after_pool` and `head:before_pool_channel` draw '
-                  'identical masks: their equal numbers show the two have the same distribution.', '']
+                  'identical masks: their equal numbers show that channel-wise dropout before the pool computes exactly '
+                  'what dropout after the pool does.', '']
     return '\n'.join(lines)
 
 
