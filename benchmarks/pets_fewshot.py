@@ -39,7 +39,7 @@ BASELINE = 'none'
 # the recipe is written out, not taken from TrainConfig's defaults, so that tuning the toolkit's defaults later
 # does not silently change what a committed result measured
 RECIPE = dict(optimizer='adamw', lr=1e-3, backbone_lr_mult=0.1, weight_decay=0.05, warmup_epochs=1.0,
-              min_lr_ratio=0.01, label_smoothing=0.1, rrc_scale_min=0.35, mixed_precision='no')
+              min_lr_ratio=0.01, label_smoothing=0.1, rrc_scale_min=0.35, mixed_precision='no', freeze_bn_stats=False)
 
 
 def make_folds(data_dir: str | Path, work_dir: str | Path, folds: int) -> list[Path]:
