@@ -58,7 +58,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     freeze_bn_stats: bool = False         # keep the pretrained BatchNorm running statistics while fine-tuning
     epochs: int = 6
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1
     mixed_precision: str = 'no'
     channels_last: bool = True           # on GPUs only (slower on CPU)

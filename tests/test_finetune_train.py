@@ -200,3 +200,13 @@ def test_pretrained_file_as_safetensors_and_folder(rewritten_run):
     m = build_model(TrainConfig(model='resnet18', pretrained_file=str(model_dir)), 4).model
     assert torch.equal(m.state_dict()['fc.weight'], saved['fc.weight'])
     assert m.pretrained_cfg['input_size'] == [3, 32, 32]
+
+
+def test_freeze_bn_stats_keeps_running_statistics():
+    from finetune.train import freeze_bn_stats
+    model = timm.create_model('test_resnet', num_classes=3).train()
+    before = model.bn1.running_mean.clone()
+    freeze_bn_stats(model)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert torch.equal(model.bn1.running_mean, before) and model.bn1.weight.grad is not None
+    assert model.training and not model.bn1.training
