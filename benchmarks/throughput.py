@@ -7,8 +7,8 @@ In one run on one machine, with repeats:
     (``shuffle=True``, no pinned memory, workers restarted each epoch), normalization on the device, fp32, NCHW.
     (cv_example freezes the backbone; here both paths train every layer, so the model work is the same.)
 (b) **toolkit** (``finetune/fastdata.py``): decode-once uint8 cache, ``BatchAugment`` (on the GPU; on CPU the
-    crops run in the loader workers and normalization in the training process), pinned memory and persistent workers, channels_last, bf16 autocast where it is fast
-    (CUDA with bf16, or a CPU with AMX).
+    crops run in the loader workers and normalization in the training process), pinned memory and persistent
+    workers, channels_last, bf16 autocast where it is fast (CUDA with bf16, or a CPU with AMX).
 
 Measured: images/s of the loader alone (model-ready normalized float batches on the device, augmentation
 included), images/s of whole training steps (loader + forward + backward + optimizer), epoch wall time, peak
@@ -381,12 +381,18 @@ def child_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_child(cfg: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, '--_child', json.dumps(cfg)], capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f'memory child {cfg} failed:\n{proc.stderr[-3000:]}')
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_children(cfgs: list[dict[str, Any]], timeout: float = 600) -> list[dict[str, Any]]:
+    """Run the memory probes, all at once: each measures only its own peak RSS, so sharing the cores
+    does not change the numbers, and the run is shorter."""
+    procs = [subprocess.Popen([sys.executable, __file__, '--_child', json.dumps(c)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in cfgs]
+    results = []
+    for cfg, proc in zip(cfgs, procs):
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f'memory probe {cfg} failed:\n{err[-3000:]}')
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 def gpu_memory(fn: Callable[[], None], device: torch.device) -> int:
@@ -444,6 +450,7 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int]) -> dict[
     cache_dir = Path(tempfile.mkdtemp(prefix='throughput-cache-'))
     try:
         per_size = []
+        probes: list[tuple[dict, str, dict]] = []  # (where to store, key, child config) for CPU memory probes
         for size, batch in prof['sizes']:
             short = math.floor(size / 0.875)
             info = build_cache(samples, short, cache_dir)  # timed: a cold build in a fresh folder
@@ -512,12 +519,10 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int]) -> dict[
                     del loader, trainer
                     gc.collect()
             if (size, batch) in [tuple(m) for m in prof['memory_sizes']]:
-                for p in ('baseline', 'toolkit'):
-                    entry['steps']['resnet50'][p]['memory'] = run_child(
-                        {'kind': 'path', 'path': p, 'size': size, 'batch': batch, 'workers': prof['workers'],
-                         'epoch_images': ep, 'cache': str(info.path), 'root': str(root)})
-                    print(f"[{size}px] {p} peak memory "
-                          f"{entry['steps']['resnet50'][p]['memory']['peak_mem'] / 2**20:.0f} MiB", flush=True)
+                for p in ('baseline', 'toolkit'):  # measured at the end, in fresh processes
+                    probes.append((entry['steps']['resnet50'][p], 'memory', {
+                        'kind': 'path', 'path': p, 'size': size, 'batch': batch, 'workers': prof['workers'],
+                        'epoch_images': ep, 'cache': str(info.path), 'root': str(root)}))
             per_size.append(entry)
         result['sizes'] = per_size
 
@@ -535,9 +540,17 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int]) -> dict[
                 del m, tr
             mem_key = 'peak_mem_bytes'
         else:
-            dro['memory'] = {k: run_child({'kind': 'dropfix', 'dropout': flag, 'size': dsize, 'batch': dbatch})
-                             for k, flag in (('no_dropout', False), ('dropfix', True))}
+            dro['memory'] = {}
+            for k, flag in (('no_dropout', False), ('dropfix', True)):
+                probes.append((dro['memory'], k, {'kind': 'dropfix', 'dropout': flag, 'size': dsize, 'batch': dbatch}))
             mem_key = 'peak_mem'
+        if probes:
+            for (target, key, _), res in zip(probes, run_children([c for _, _, c in probes])):
+                target[key] = res
+            print('memory probes: ' + ', '.join(f"{c.get('path', c.get('dropout'))}@{c['size']}px "
+                                                f"{r['peak_mem'] / 2**20:.0f} MiB"
+                                                for (_, _, c), r in zip(probes, [t[k] for t, k, _ in probes])),
+                  flush=True)
         mem = dro['memory']
         dro['peak_mem_overhead'] = mem['dropfix'][mem_key] / mem['no_dropout'][mem_key] - 1.0
         if 'saved_activation_bytes' in mem['dropfix']:

@@ -8,8 +8,8 @@ work in two:
 1. :func:`build_cache` decodes every image **once** (PIL, shortest side resized to ``short_side``, then a
    center crop to ``short_side x short_side``) and stores all of them as one uint8 ``.npy`` array
    ``[N, S, S, 3]`` (pixel-interleaved, as decoded, so batches come out channels_last) that is memory-mapped
-   afterwards. The file is keyed by a hash of the file paths, sizes,
-   mtimes, labels, ``short_side`` and interpolation, so a changed dataset or size builds a new file.
+   afterwards. The file is keyed by a hash of the file paths, sizes, mtimes, labels, ``short_side`` and
+   interpolation, so a changed dataset or size builds a new file.
 2. :class:`CachedDataset` serves ``(uint8 [3, S, S] tensor, label)`` from that memory map (no decode), and
    :class:`BatchAugment` does random-resized-crop, flip and normalization on the whole uint8 batch, on
    whatever device the batch is on (the accelerator when there is one).
@@ -22,7 +22,7 @@ aspect ratio relative to ``W x H``). Here the box is sampled from the cached cen
 * the parts of the long side outside the central square are never seen (for a 4:3 photo, 1/8 of the width on
   each side); objects near the left/right (or top/bottom) border are seen less often;
 * ``scale`` is relative to the square's area ``S*S``, not to ``W*H``, so a crop of ``scale=1.0`` is the
-  square, and with ``scale=(0.08, 1)`` the crops are on average a bit larger in absolute terms;
+  square, and crops cover less of the photo (3/4 as much area for a 4:3 photo): they zoom in a little more;
 * the image is resampled twice (once to ``S`` when caching, once by the crop), which softens crops that
   are upsampled. Keeping ``S`` a little above the training size (``S = floor(img_size / crop_pct)``, 256
   for 224) keeps that small.
@@ -39,6 +39,12 @@ Example::
     >>> augment = BatchAugment(224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), train=True)
     >>> for images, labels in loader:
     ...     x = augment(images.to(device, non_blocking=True))   # float32 [64, 3, 224, 224], normalized
+
+Training on CPU, let the loader workers do the crops and the training process the normalization::
+
+    >>> loader = make_fast_loader(ds, 64, shuffle=True, num_workers=2, batch_transform=augment.resample)
+    >>> for images, labels in loader:
+    ...     x = augment.normalize(images)
 """
 from __future__ import annotations
 
