@@ -547,7 +547,8 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int]) -> dict[
         if probes:
             for (target, key, _), res in zip(probes, run_children([c for _, _, c in probes])):
                 target[key] = res
-            print('memory probes: ' + ', '.join(f"{c.get('path', c.get('dropout'))}@{c['size']}px "
+            print('memory probes: ' + ', '.join(f"{c.get('path', 'dropfix' if c.get('dropout') else 'no_dropout')}"
+                                                f"@{c['size']}px "
                                                 f"{r['peak_mem'] / 2**20:.0f} MiB"
                                                 for (_, _, c), r in zip(probes, [t[k] for t, k, _ in probes])),
                   flush=True)
