@@ -159,6 +159,10 @@ def test_config_json_roundtrip_and_cli():
     assert (cfg.model, cfg.rewrite, cfg.head_position, cfg.img_size, cfg.fast_data, cfg.resume) == \
         ('resnet34', True, 'after_pool', 96, False, 'auto')
     assert TrainConfig.from_json(cfg.to_json()) == cfg
+    from finetune import config
+    # the CLI lists the positions without importing torch; they must be the plugin's
+    assert config.BRANCH_POSITIONS == tuple(timm_dropfix.BRANCH_POSITIONS)
+    assert config.HEAD_POSITIONS == tuple(timm_dropfix.HEAD_POSITIONS)
     with pytest.raises(ValueError, match='unknown'):
         TrainConfig.from_dict({'modle': 'x'})
 
