@@ -15,7 +15,8 @@ from timm.layers import ClassifierHead
 from timm.models.resnet import ResNet
 from torchvision.models.resnet import ResNet as TvResNet
 
-__all__ = ['PrePoolDropoutHead', 'DropfixResNet', 'DropfixTvResNet', 'make_head_drop', 'HeadDropMixin', 'set_v1_strides']
+__all__ = ['PrePoolDropoutHead', 'DropfixResNet', 'DropfixTvResNet', 'make_head_drop', 'HeadDropMixin',
+           'set_v1_strides']
 
 
 def make_head_drop(rate: float, position: str) -> nn.Module:
