@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,8 +144,15 @@ def _two_process_job(data_dir: str, out: str) -> None:
 
 
 def test_two_processes_debug_launcher(tiny_pets, tmp_path):
-    from accelerate import debug_launcher
-    debug_launcher(_two_process_job, args=(str(tiny_pets), str(tmp_path / 'ddp')), num_processes=2)
+    # debug_launcher forks; forking this pytest process, whose OpenMP pool earlier tests have used, can leave the
+    # children deadlocked, so the launch happens in a fresh interpreter (the job still runs in two forked workers)
+    script = (f'import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n'
+              'from accelerate import debug_launcher\n'
+              'from test_finetune_train import _two_process_job\n'
+              f'debug_launcher(_two_process_job, args=({str(tiny_pets)!r}, {str(tmp_path / "ddp")!r}), '
+              'num_processes=2)\n')
+    subprocess.run([sys.executable, '-c', script], check=True, timeout=600, cwd=Path(__file__).parents[1],
+                   env={**os.environ, 'OMP_NUM_THREADS': '1'})
     m = json.loads((tmp_path / 'ddp' / 'metrics.json').read_text())
     assert m['num_processes'] == 2
     assert m['n_eval'] == 16 and m['history'][0]['train_images'] == 32  # 2 processes x 4 steps x 4 images
