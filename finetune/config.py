@@ -33,7 +33,10 @@ class TrainConfig:
     download: bool = False
     limit_train: int | None = None        # use only N training images (quick checks / CI), spread over classes
     limit_eval: int | None = None
-    fast_data: bool = True                # decode-once uint8 cache + batched augmentation (finetune/fastdata.py)
+    # decode-once uint8 cache + batched augmentation (finetune/fastdata.py). Off by default: its cache keeps the
+    # centre square of each image, and on pets370 (ResNet-50, 160 px, 6 epochs, 3 seeds) it scored 0.7225 mean
+    # top-1 against 0.7568 for the per-image PIL path, whose crops also see the image borders
+    fast_data: bool = False
     cache_dir: str | None = None          # where the fast-data cache goes (default: OUT/cache)
     workers: int = 0
     # model
@@ -111,8 +114,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--download', action='store_true', help='let torchvision download Pets (needs network)')
     g.add_argument('--limit-train', type=int, default=None, metavar='N')
     g.add_argument('--limit-eval', type=int, default=None, metavar='N')
-    g.add_argument('--no-fast-data', dest='fast_data', action='store_false',
-                   help='use the per-image PIL/timm transform pipeline instead of the decode-once cache')
+    g.add_argument('--fast-data', dest='fast_data', action=argparse.BooleanOptionalAction, default=d.fast_data,
+                   help='decode-once uint8 cache + batched augmentation (faster; centre-square crops only, see '
+                        'README); --no-fast-data: the per-image PIL/timm transform pipeline (default)')
     g.add_argument('--cache-dir', default=None)
     g.add_argument('--workers', type=int, default=d.workers)
     g = p.add_argument_group('model')
