@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,3 +61,14 @@ def make_tiny_pets(root: Path, n_trainval: int = 8, n_test: int = 4, size: tuple
 def tiny_pets(tmp_path_factory) -> Path:
     """Root of a tiny Pets-layout dataset (4 classes, 8 trainval + 4 test images each, 40x32 px)."""
     return make_tiny_pets(tmp_path_factory.mktemp('tiny_pets'))
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny models on a shared 2-core machine run several times faster on one thread (no OpenMP barrier waits
+    behind other processes); restored afterwards so other test modules keep their setting.
+    Use with ``pytestmark = pytest.mark.usefixtures('one_thread')``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

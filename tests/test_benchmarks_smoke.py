@@ -23,14 +23,7 @@ import module_tests  # noqa: E402
 SHARED = _common.shared_dir(required=False)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one thread (no OpenMP barrier waits
-    behind other processes); restored afterwards so other test modules keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _need_shared(*parts: str) -> Path:
