@@ -221,7 +221,8 @@ def summarize(model: nn.Module) -> DropfixSummary:
                                  'before_pool_channel' if before and channel else
                                  'before_pool' if before else 'after_pool')
     elif isinstance(model, HeadDropMixin):
-        summary.head = f'{type(model).__name__}.forward_head'
+        method = 'forward_head' if isinstance(model, ResNet) else '_forward_impl'
+        summary.head = f'{type(model).__name__}.{method}'
         summary.head_drop_rate = _rate_of(model.head_drop)
         channel = isinstance(model.head_drop, nn.Dropout2d)
         summary.head_position = 'before_pool_channel' if channel else model.head_drop_at
