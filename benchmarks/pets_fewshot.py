@@ -6,7 +6,8 @@ from the same weights, seed by seed; the paired unit is (fold, seed), so a varia
 exactly the same data, order and head initialisation.
 
 Profiles (``--profile``):
-    cpu    96 px, 4 epochs, 5 folds x 1 seed, 7 variants: sized for about 2 h on 2 otherwise idle CPU cores
+    cpu    96 px, 4 epochs, 5 folds x 1 seed, 7 variants: its 35 runs took 89 min on 2 CPU cores shared with
+           other jobs (2.5 min each on average)
     gpu    224 px, 15 epochs, 5 folds x 3 seeds, 7 variants: the setting to run on one GPU
     smoke  48 px, 1 epoch, 2 folds x 1 seed, 2 variants: proves the script (not evidence)
 
