@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from finetune.stats import mean_std, paired_t_interval, student_t_ppf  # noqa: F401  (re-exported for the scripts)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / 'benchmarks' / 'results'
 
@@ -179,130 +181,6 @@ def write_result(
     result = {'meta': meta, **payload}
     write_json(path, result)
     return _jsonable(result)
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0.0 for a single value, NaN for none).
-
-    Example:
-        >>> mean_std([1.0, 2.0, 3.0])
-        (2.0, 1.0)
-    """
-    n = len(values)
-    if n == 0:
-        return float('nan'), float('nan')
-    mean = sum(values) / n
-    if n == 1:
-        return float(mean), 0.0
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return float(mean), math.sqrt(var)
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(lbt) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
-
-
-def _student_t_cdf(t: float, df: float) -> float:
-    x = df / (df + t * t)
-    tail = 0.5 * _betainc(df / 2.0, 0.5, x)
-    return 1.0 - tail if t > 0 else tail
-
-
-def student_t_ppf(q: float, df: float) -> float:
-    """Quantile of Student's t distribution (no SciPy needed; bisection on the exact CDF).
-
-    Example:
-        >>> round(student_t_ppf(0.975, 4), 3)
-        2.776
-    """
-    if not 0.0 < q < 1.0:
-        raise ValueError(f'q must be in (0, 1), got {q}')
-    if df <= 0:
-        raise ValueError(f'df must be positive, got {df}')
-    if q < 0.5:
-        return -student_t_ppf(1.0 - q, df)
-    lo, hi = 0.0, 1.0
-    while _student_t_cdf(hi, df) < q:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _student_t_cdf(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
-def paired_t_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
-    """Paired difference ``a - b`` with a Student-t confidence interval for its mean.
-
-    Pairs are matched by position (same seed / same split). With fewer than two pairs the interval is
-    undefined (NaN, written as null in JSON).
-
-    Returns:
-        dict with ``mean``, ``std`` (sample), ``n``, ``ci_low``, ``ci_high``, ``confidence`` and ``verdict``:
-        ``'higher'`` / ``'lower'`` when the interval excludes 0, else ``'no significant difference'``.
-
-    Example:
-        >>> r = paired_t_interval([0.80, 0.82, 0.81], [0.70, 0.71, 0.72])
-        >>> r['verdict'], round(r['mean'], 3)
-        ('higher', 0.1)
-    """
-    if len(a) != len(b):
-        raise ValueError(f'paired samples need equal lengths, got {len(a)} and {len(b)}')
-    diffs = [float(x) - float(y) for x, y in zip(a, b)]
-    n = len(diffs)
-    mean, std = mean_std(diffs)
-    if n < 2:
-        lo = hi = float('nan')
-    else:
-        half = student_t_ppf(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
-        lo, hi = mean - half, mean + half
-    if n >= 2 and lo > 0:
-        verdict = 'higher'
-    elif n >= 2 and hi < 0:
-        verdict = 'lower'
-    else:
-        verdict = 'no significant difference'
-    return {'mean': mean, 'std': std, 'n': n, 'ci_low': lo, 'ci_high': hi, 'confidence': confidence,
-            'verdict': verdict, 'diffs': diffs}
 
 
 def fmt_pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:

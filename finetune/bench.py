@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from .checkpoint import write_text_atomic
 from .config import TrainConfig
 from .errors import FinetuneError
+from .stats import mean_std, student_t_ppf
 
 _NO_DROP = dict(rewrite=False, drop_rate=0.0)
 _BRANCH = 0.1  # rates of the paper's fine-tuning experiments (paper.md)
@@ -52,32 +53,6 @@ DEFAULT_VARIANTS = ('timm_default', 'none', 'recommended', 'head_only', 'branch_
                     'branch_after_add')
 METRICS = ('top1', 'mean_class_acc', 'top5', 'nll', 'ece')
 
-# two-sided 95% Student t quantiles t_{0.975, df}; beyond the table the normal 1.96 is within 2%
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-
-
-def t975(df: int) -> float:
-    """95% two-sided Student t quantile (table lookup, conservative between entries).
-
-    Example:
-        >>> t975(2)
-        4.303
-    """
-    if df < 1:
-        return math.nan
-    keys = sorted(k for k in _T975 if k <= df)
-    return _T975[keys[-1]] if df <= 120 else 1.96
-
-
-def mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    n = len(xs)
-    m = sum(xs) / n
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
-
-
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     """Per-seed ``a - b`` on the seeds both have, its mean, and a 95% t-interval.
 
@@ -91,7 +66,7 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any
     if not diffs:
         return dict(n=0, seeds=[], diffs=[], mean=math.nan, std=math.nan, ci95=[math.nan, math.nan])
     m, sd = mean_std(diffs)
-    half = t975(len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    half = student_t_ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
     return dict(n=len(diffs), seeds=seeds, diffs=diffs, mean=m, std=sd, ci95=[m - half, m + half])
 
 

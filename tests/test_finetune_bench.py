@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from finetune.bench import VARIANTS, paired_difference, results_markdown, run_bench, t975
+from finetune.bench import VARIANTS, paired_difference, results_markdown, run_bench
+from finetune.stats import student_t_ppf
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
 
@@ -18,9 +19,12 @@ def test_paired_difference_t_interval():
     mean = sum(diffs) / 3
     sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
     assert d['mean'] == pytest.approx(mean) and d['std'] == pytest.approx(sd)
-    assert d['ci95'] == pytest.approx([mean - 4.303 * sd / math.sqrt(3), mean + 4.303 * sd / math.sqrt(3)])
+    t2 = 4.302653  # t_{0.975, 2}
+    assert d['ci95'] == pytest.approx([mean - t2 * sd / math.sqrt(3), mean + t2 * sd / math.sqrt(3)])
     assert paired_difference({0: 1.0}, {1: 1.0})['n'] == 0  # no common seed, no comparison
-    assert t975(1) == 12.706 and t975(22) == 2.086 and t975(1000) == 1.96
+    assert student_t_ppf(0.975, 1) == pytest.approx(12.706, abs=1e-3)
+    assert student_t_ppf(0.975, 22) == pytest.approx(2.074, abs=1e-3)
+    assert student_t_ppf(0.975, 1000) == pytest.approx(1.962, abs=1e-3)
 
 
 def test_bench_grid_and_resume(tiny_pets, tmp_path):
