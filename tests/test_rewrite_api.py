@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-from pathlib import Path
 
 import pytest
 import timm
@@ -16,15 +14,6 @@ from torch import nn
 import timm_dropfix
 
 ONE = (1, 1, 1, 1)
-
-
-def _shared_dir() -> Path | None:
-    path = Path(os.environ.get('TIMM_DROPFIX_SHARED', Path(__file__).resolve().parents[2] / 'shared'))
-    if path.is_dir():
-        return path
-    if os.environ.get('CI'):
-        pytest.fail(f'shared data folder {path} is missing; CI must provide it (set TIMM_DROPFIX_SHARED).')
-    pytest.skip(f'shared data folder {path} not found')
 
 
 @pytest.mark.parametrize('factory', [
@@ -122,9 +111,9 @@ def test_checkpoint_round_trip_both_ways(tmp_path):
         assert torch.equal(late(x), early(x))
 
 
-def test_shared_imagenet_resnet50_loads_into_variant_and_rewrite():
+def test_shared_imagenet_resnet50_loads_into_variant_and_rewrite(shared_dir):
     """The real ImageNet ResNet-50 (../shared/weights) keeps its predictions through rewrite and the variant."""
-    weights = _shared_dir() / 'weights' / 'resnet50_keras_in1k'
+    weights = shared_dir / 'weights' / 'resnet50_keras_in1k'
     plain = timm.create_model(f'local-dir:{weights}', pretrained=True).eval()
     timm_dropfix.set_v1_strides(plain)
     variant = timm.create_model('resnet50_dropfix', pretrained=True, v1_strides=True,
