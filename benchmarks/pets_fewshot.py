@@ -8,6 +8,8 @@ exactly the same data, order and head initialisation.
 Profiles (``--profile``):
     cpu    96 px, 4 epochs, 5 folds x 1 seed, 7 variants: its 35 runs took 89 min on 2 CPU cores shared with
            other jobs (2.5 min each on average)
+    cpu-long  96 px, 10 epochs, 5 folds x 1 seed, variants none and recommended: does a longer budget (where
+           the cpu profile's 4-epoch runs were still underfitting) change the verdict?
     gpu    224 px, 15 epochs, 5 folds x 3 seeds, 7 variants: the setting to run on one GPU
     smoke  48 px, 1 epoch, 2 folds x 1 seed, 2 variants: proves the script (not evidence)
 
@@ -34,6 +36,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     'gpu': dict(img_size=224, epochs=15, folds=5, seeds=[0, 1, 2], batch_size=32,
                 variants=['none', 'timm_default', 'head_only', 'branch_only', 'recommended',
                           'branch_before_last_conv', 'branch_after_add', 'branch_start']),
+    # the budget question: the cpu profile's size and recipe, 2.5x the epochs, the two variants that matter most
+    'cpu-long': dict(img_size=96, epochs=10, folds=5, seeds=[0], batch_size=32, variants=['none', 'recommended']),
     'smoke': dict(img_size=48, epochs=1, folds=2, seeds=[0], batch_size=16, variants=['none', 'recommended']),
 }
 BASELINE = 'none'
