@@ -126,8 +126,9 @@ class _Resampled(Dataset):
 
 
 def toolkit_loader(cache_path: Path, img_size: int, batch: int, workers: int, epoch_images: int, seed: int,
-                   device: torch.device) -> tuple[DataLoader, Callable[[torch.Tensor], torch.Tensor]]:
-    """Cached loader; returns (loader, what the training process applies to each batch on the device)."""
+                   device: torch.device) -> tuple[DataLoader, Callable[..., torch.Tensor]]:
+    """Cached loader; returns (loader, what the training process applies to each (images, sizes) batch on the
+    device)."""
     from finetune.fastdata import BatchAugment, CachedDataset, make_fast_loader
     aug = BatchAugment(img_size, MEAN, STD, train=True, scale=RRC_SCALE)  # the step makes it channels_last
     ds = CachedDataset(cache_path)
@@ -138,7 +139,7 @@ def toolkit_loader(cache_path: Path, img_size: int, batch: int, workers: int, ep
         # the training process normalizes them
         loader = make_fast_loader(ds, batch, shuffle=True, num_workers=workers, pin_memory=True,
                                   persistent_workers=True, seed=seed, batch_transform=aug.resample)
-        return loader, aug.normalize
+        return loader, lambda images, _sizes: aug.normalize(images)
     # accelerator: the loader only reads uint8 batches, the whole augmentation runs on the device
     loader = make_fast_loader(ds, batch, shuffle=True, num_workers=workers, pin_memory=True,
                               persistent_workers=True, seed=seed)
@@ -152,10 +153,10 @@ def to_model_input(path: str, batch, device: torch.device, aug) -> tuple[torch.T
         mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
         return (x - mean) / std, batch['label'].to(device)
-    images, labels = batch
+    images, labels, sizes = batch
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     if aug is not None:
-        images = aug(images)
+        images = aug(images, sizes)
     return images, labels
 
 

@@ -69,13 +69,13 @@ def predict(model: torch.nn.Module, batches: Iterable, accelerator=None,
 
     With an ``accelerate.Accelerator`` the results of every process are gathered (padding removed), so each
     process returns the whole eval set. ``transform`` (e.g. fast-data's batched eval augmentation) runs on the
-    batch on its device first.
+    batch on its device first; fast-data batches are ``(images, targets, sizes)`` and ``sizes`` goes to it.
     """
     model.eval()
     all_logits, all_targets = [], []
-    for images, targets in batches:
+    for images, targets, *sizes in batches:  # fast-data batches also carry each image's (h, w)
         if transform is not None:
-            images = transform(images)
+            images = transform(images, *sizes)
         logits = model(images)
         if accelerator is not None:
             logits, targets = accelerator.gather_for_metrics((logits.contiguous(), targets))

@@ -5,45 +5,45 @@ JPEG again in every epoch, in DataLoader workers, with PIL. On a Pets-sized set 
 of an epoch, and on a small machine it competes with the model for the same cores. This module splits the
 work in two:
 
-1. :func:`build_cache` decodes every image **once** (PIL, shortest side resized to ``short_side``, then a
-   center crop to ``short_side x short_side``) and stores all of them as one uint8 ``.npy`` array
-   ``[N, S, S, 3]`` (pixel-interleaved, as decoded, so batches come out channels_last) that is memory-mapped
-   afterwards. The file is keyed by a hash of the file paths, sizes, mtimes, labels, ``short_side`` and
-   interpolation, so a changed dataset or size builds a new file.
-2. :class:`CachedDataset` serves ``(uint8 [3, S, S] tensor, label)`` from that memory map (no decode), and
+1. :func:`build_cache` decodes every image **once** (PIL, shortest side resized to ``short_side``, aspect ratio
+   kept) and appends the pixels (uint8, height x width x RGB, as decoded) to one flat ``.bin`` file that is
+   memory-mapped afterwards; a ``.json`` sidecar holds each image's offset, size and label. The file is keyed
+   by a hash of the file paths, sizes, mtimes, labels, ``short_side``, ``max_aspect`` and interpolation, so a
+   changed dataset or size builds a new file.
+2. :class:`CachedDataset` serves ``(uint8 [3, h, w] tensor, label)`` from that memory map (no decode); a
+   batch is padded to its largest image (edges repeated) and carries each image's ``(h, w)``.
    :class:`BatchAugment` does random-resized-crop, flip and normalization on the whole uint8 batch, on
    whatever device the batch is on (the accelerator when there is one).
 
-How the cached square differs from PIL ``RandomResizedCrop`` over the full image
---------------------------------------------------------------------------------
-timm's and torchvision's train transform samples the crop box from the *whole* original image (area and
-aspect ratio relative to ``W x H``). Here the box is sampled from the cached center square, so:
+How this differs from PIL ``RandomResizedCrop`` on the original file
+-------------------------------------------------------------------
+The crop box is sampled exactly as timm's ``RandomResizedCropAndInterpolation`` does, from the whole image
+(area and aspect ratio relative to its ``h x w``), so every part of the photo can be seen. Two differences
+remain:
 
-* the parts of the long side outside the central square are never seen (for a 4:3 photo, 1/8 of the width on
-  each side); objects near the left/right (or top/bottom) border are seen less often;
-* ``scale`` is relative to the square's area ``S*S``, not to ``W*H``, so a crop of ``scale=1.0`` is the
-  square, and crops cover less of the photo (3/4 as much area for a 4:3 photo): they zoom in a little more;
-* the image is resampled twice (once to ``S`` when caching, once by the crop), which softens crops that
-  are upsampled. Keeping ``S`` a little above the training size (``S = floor(img_size / crop_pct)``, 256
-  for 224) keeps that small.
+* the image is resampled twice (once to ``S`` when caching, once by the crop), which softens crops that are
+  upsampled. Keeping ``S`` a little above the training size (``S = floor(img_size / crop_pct)``, 256 for
+  224) keeps that small;
+* a long side beyond ``max_aspect`` times the short side (2 by default; panoramas, not pets) is center
+  cropped at cache time, to bound the file size.
 
-The eval path has none of these differences when ``S == floor(img_size / crop_pct)``: timm's eval transform
-(resize shortest side to ``floor(img_size / crop_pct)``, center crop ``img_size``) only ever looks at the
-central square, which is exactly what the cache stores, so eval batches equal timm's PIL eval transform up to
-float rounding. See :func:`default_short_side`.
+The eval path has no difference when ``S == floor(img_size / crop_pct)``: timm's eval transform (resize
+shortest side to ``floor(img_size / crop_pct)``, center crop ``img_size``) is then an exact slice of each
+cached image, so eval batches equal timm's PIL eval transform up to float rounding. See
+:func:`default_short_side`.
 
 Example::
 
     >>> info = build_cache(samples, short_side=default_short_side(224), cache_dir='~/.cache/timm_dropfix')
     >>> loader = make_fast_loader(CachedDataset(info.path), batch_size=64, shuffle=True, num_workers=2)
     >>> augment = BatchAugment(224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), train=True)
-    >>> for images, labels in loader:
-    ...     x = augment(images.to(device, non_blocking=True))   # float32 [64, 3, 224, 224], normalized
+    >>> for images, labels, sizes in loader:
+    ...     x = augment(images.to(device, non_blocking=True), sizes)   # float32 [64, 3, 224, 224], normalized
 
 Training on CPU, let the loader workers do the crops and the training process the normalization::
 
     >>> loader = make_fast_loader(ds, 64, shuffle=True, num_workers=2, batch_transform=augment.resample)
-    >>> for images, labels in loader:
+    >>> for images, labels, _ in loader:
     ...     x = augment.normalize(images)
 """
 from __future__ import annotations
@@ -68,11 +68,12 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     'CacheInfo', 'build_cache', 'default_short_side', 'CachedDataset', 'BatchAugment', 'make_fast_loader',
-    'load_and_resize',
+    'collate_padded', 'load_and_resize',
 ]
 
-_CACHE_VERSION = 2  # bump when the on-disk layout or the resize recipe changes, so old caches rebuild
+_CACHE_VERSION = 3  # bump when the on-disk layout or the resize recipe changes, so old caches rebuild
 _PIL_INTERP = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC, 'nearest': Image.NEAREST}
+DEFAULT_MAX_ASPECT = 2.0
 
 
 @dataclass
@@ -80,16 +81,18 @@ class CacheInfo:
     """What :func:`build_cache` made (or found).
 
     Attributes:
-        path: the ``.npy`` file, uint8 ``[n_images, S, S, 3]``; give it to :class:`CachedDataset`.
+        path: the ``.bin`` file (every image's uint8 ``h x w x 3`` pixels, back to back) next to its ``.json``
+            sidecar; give it to :class:`CachedDataset`.
         labels: label of each cached image, in cache order.
         n_skipped: number of samples that could not be decoded (corrupt, truncated, missing) and were left out.
         skipped: paths of those samples.
         kept_indices: for each cached image, its index in the ``samples`` list given to :func:`build_cache`.
-        short_side: ``S``.
+        short_side: ``S``, the short side of every cached image.
         n_images: number of cached images (``len(samples) - n_skipped``).
         key: the content hash the file name is derived from.
         built: True if this call decoded the images, False if an existing cache was reused.
         build_seconds: wall time of this call.
+        n_bytes: size of the pixel file.
     """
     path: Path
     labels: list[int]
@@ -101,6 +104,7 @@ class CacheInfo:
     key: str = ''
     built: bool = False
     build_seconds: float = 0.0
+    n_bytes: int = 0
 
 
 def default_short_side(img_size: int, crop_pct: float = 0.875) -> int:
@@ -114,20 +118,7 @@ def default_short_side(img_size: int, crop_pct: float = 0.875) -> int:
     return int(math.floor(img_size / crop_pct))
 
 
-def load_and_resize(path: str, short_side: int, interpolation: str = 'bilinear') -> np.ndarray:
-    """Decode ``path`` with PIL, resize its shortest side to ``short_side``, center crop a square.
-
-    Sizes and crop offsets follow torchvision's ``Resize(int)`` and ``CenterCrop`` on PIL images, so this is
-    the first half of timm's eval transform when ``short_side == floor(img_size / crop_pct)``.
-
-    Returns:
-        uint8 array ``[3, short_side, short_side]``. Raises (OSError, ValueError, ...) on unreadable files.
-
-    Example::
-
-        >>> load_and_resize('cat.jpg', 256).shape
-        (3, 256, 256)
-    """
+def _decode_hwc(path: str, short_side: int, interpolation: str, max_aspect: float) -> np.ndarray:
     with Image.open(path) as im:
         im = im.convert('RGB')  # also forces the full decode, so truncated files raise here
         w, h = im.size
@@ -136,29 +127,49 @@ def load_and_resize(path: str, short_side: int, interpolation: str = 'bilinear')
         new_w, new_h = (short_side, new_long) if w <= h else (new_long, short_side)
         if (new_w, new_h) != (w, h):
             im = im.resize((new_w, new_h), _PIL_INTERP[interpolation])
-        top = int(round((new_h - short_side) / 2.0))  # torchvision CenterCrop offsets
-        left = int(round((new_w - short_side) / 2.0))
-        im = im.crop((left, top, left + short_side, top + short_side))
-        arr = np.asarray(im, dtype=np.uint8)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        cap = int(math.floor(short_side * max_aspect))
+        if new_long > cap:  # torchvision CenterCrop offsets along the long side only
+            if new_w > new_h:
+                left = int(round((new_w - cap) / 2.0))
+                im = im.crop((left, 0, left + cap, new_h))
+            else:
+                top = int(round((new_h - cap) / 2.0))
+                im = im.crop((0, top, new_w, top + cap))
+        return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
 
 
-def _load_hwc(path: str, short_side: int, interpolation: str) -> np.ndarray:
-    return load_and_resize(path, short_side, interpolation).transpose(1, 2, 0)  # a view: no copy
+def load_and_resize(path: str, short_side: int, interpolation: str = 'bilinear',
+                    max_aspect: float = DEFAULT_MAX_ASPECT) -> np.ndarray:
+    """Decode ``path`` with PIL and resize its shortest side to ``short_side``, keeping the aspect ratio.
+
+    Sizes follow torchvision's ``Resize(int)`` on PIL images, so this is the first half of timm's eval
+    transform when ``short_side == floor(img_size / crop_pct)``. A long side of more than
+    ``max_aspect * short_side`` pixels is center cropped to that length.
+
+    Returns:
+        uint8 array ``[3, h, w]`` with ``min(h, w) == short_side``. Raises (OSError, ValueError, ...) on
+        unreadable files.
+
+    Example::
+
+        >>> load_and_resize('cat_640x480.jpg', 256).shape
+        (3, 256, 341)
+    """
+    return np.ascontiguousarray(_decode_hwc(path, short_side, interpolation, max_aspect).transpose(2, 0, 1))
 
 
-def _load_or_none(args: tuple[str, int, str]) -> Optional[np.ndarray]:
+def _load_or_none(args: tuple[str, int, str, float]) -> Optional[np.ndarray]:
     """Pool worker: a decode failure is data, not a crash (it is counted by the caller)."""
-    path, short_side, interpolation = args
     try:
-        return np.ascontiguousarray(_load_hwc(path, short_side, interpolation))
+        return _decode_hwc(*args)
     except Exception:  # noqa: BLE001 - any unreadable image (truncated, not an image, missing) is skipped
         return None
 
 
-def _cache_key(samples: Sequence[tuple[str, int]], short_side: int, interpolation: str) -> str:
+def _cache_key(samples: Sequence[tuple[str, int]], short_side: int, interpolation: str, max_aspect: float) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({'v': _CACHE_VERSION, 'S': short_side, 'interp': interpolation}).encode())
+    h.update(json.dumps({'v': _CACHE_VERSION, 'S': short_side, 'interp': interpolation,
+                         'max_aspect': max_aspect}).encode())
     for path, label in samples:
         p = os.path.abspath(path)
         try:
@@ -195,25 +206,28 @@ def build_cache(
         interpolation: str = 'bilinear',
         num_workers: Optional[int] = None,
         progress: Optional[Callable[[int, int], None]] = None,
+        max_aspect: float = DEFAULT_MAX_ASPECT,
 ) -> CacheInfo:
     """Decode and resize every image once into a memory-mappable uint8 cache (or reuse a matching one).
 
     Args:
         samples: ``(image path, integer label)`` pairs, in dataset order.
-        short_side: ``S``; each image is resized to shortest side ``S`` and center cropped to ``S x S``.
-            Use :func:`default_short_side` (256 for 224 training) unless you have a reason not to.
+        short_side: ``S``; each image is resized to shortest side ``S``, aspect ratio kept. Use
+            :func:`default_short_side` (256 for 224 training) unless you have a reason not to.
         cache_dir: folder for the cache files (created if needed). Files are named by a hash of the paths,
-            sizes, mtimes, labels, ``S`` and interpolation, so edits to the data or a new ``S`` build a new file.
+            sizes, mtimes, labels, ``S``, ``max_aspect`` and interpolation, so edits to the data or a new ``S``
+            build a new file.
         interpolation: PIL resampling for the one-time resize, ``'bilinear'`` (timm's default) or ``'bicubic'``.
         num_workers: decode processes; ``None`` = all CPUs (capped at 8), ``0`` = decode in this process.
         progress: optional ``callback(done, total)``.
+        max_aspect: long sides beyond ``max_aspect * S`` are center cropped to that length (>= 1).
 
     Returns:
         :class:`CacheInfo`. Undecodable images are left out and counted in ``n_skipped``; they never raise.
 
-    The array is written to a temporary file in ``cache_dir`` and renamed into place only when complete (the
-    label sidecar first, then the array), so an interrupted build leaves no partial cache behind and
-    concurrent builders (e.g. several ranks) at worst do the work twice.
+    The pixels are written to a temporary file in ``cache_dir`` and renamed into place only when complete (the
+    sidecar first, then the pixels), so an interrupted build leaves no partial cache behind and concurrent
+    builders (e.g. several ranks) at worst do the work twice.
 
     Example::
 
@@ -227,106 +241,94 @@ def build_cache(
         raise ValueError(f'interpolation must be one of {sorted(_PIL_INTERP)}, got {interpolation!r}')
     if short_side < 1:
         raise ValueError(f'short_side must be a positive number of pixels, got {short_side}')
+    if not max_aspect >= 1.0:
+        raise ValueError(f'max_aspect is a long/short side ratio and must be >= 1, got {max_aspect}')
     if not samples:
         raise ValueError('build_cache needs at least one (path, label) sample; got an empty list')
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = _cache_key(samples, short_side, interpolation)
+    key = _cache_key(samples, short_side, interpolation, float(max_aspect))
     stem = f'fastdata-S{short_side}-{key[:20]}'
-    npy_path, meta_path = cache_dir / f'{stem}.npy', cache_dir / f'{stem}.json'
+    bin_path, meta_path = cache_dir / f'{stem}.bin', cache_dir / f'{stem}.json'
 
-    if npy_path.exists() and meta_path.exists():
+    if bin_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get('key') == key:
-            return _info_from_meta(npy_path, meta, built=False, seconds=time.perf_counter() - t0)
+            return _info_from_meta(bin_path, meta, built=False, seconds=time.perf_counter() - t0)
 
     n = len(samples)
-    jobs = [(str(p), short_side, interpolation) for p, _ in samples]
+    jobs = [(str(p), short_side, interpolation, float(max_aspect)) for p, _ in samples]
     if num_workers is None:
         num_workers = min(os.cpu_count() or 1, 8)
     num_workers = min(num_workers, n)
-    fd, tmp_npy = tempfile.mkstemp(dir=cache_dir, prefix=stem + '.', suffix='.npy.tmp')
-    os.close(fd)
-    tmp_compact = None
+    fd, tmp_bin = tempfile.mkstemp(dir=cache_dir, prefix=stem + '.', suffix='.bin.tmp')
     try:
-        arr = np.lib.format.open_memmap(tmp_npy, mode='w+', dtype=np.uint8, shape=(n, short_side, short_side, 3))
         kept: list[int] = []
-        if num_workers > 1:
-            # fork keeps startup cheap; the workers only run PIL/numpy, never torch
-            ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()
-            with ctx.Pool(num_workers) as pool:
-                results = pool.imap(_load_or_none, jobs, chunksize=max(1, min(16, n // (4 * num_workers))))
-                _fill(arr, results, kept, n, progress)
-        else:
-            _fill(arr, map(_load_or_none, jobs), kept, n, progress)
+        offsets: list[int] = []
+        shapes: list[list[int]] = []
+        with os.fdopen(fd, 'wb') as f:
+            if num_workers > 1:
+                # fork keeps startup cheap; the workers only run PIL/numpy, never torch
+                ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()
+                with ctx.Pool(num_workers) as pool:
+                    results = pool.imap(_load_or_none, jobs, chunksize=max(1, min(16, n // (4 * num_workers))))
+                    _append(f, results, kept, offsets, shapes, n, progress)
+            else:
+                _append(f, map(_load_or_none, jobs), kept, offsets, shapes, n, progress)
         if not kept:
             raise RuntimeError(f'build_cache: none of the {n} images could be decoded (first: {samples[0][0]!r}); '
                                'check the paths and that they are image files')
-        if len(kept) < n:
-            # rare path (corrupt files): write a compact array so CachedDataset needs no index indirection
-            del arr
-            src = np.load(tmp_npy, mmap_mode='r')
-            fd, tmp_compact = tempfile.mkstemp(dir=cache_dir, prefix=stem + '.', suffix='.npy.tmp')
-            os.close(fd)
-            dst = np.lib.format.open_memmap(
-                tmp_compact, mode='w+', dtype=np.uint8, shape=(len(kept), short_side, short_side, 3))
-            for start in range(0, len(kept), 256):  # rows are already dense; copy in chunks to bound memory
-                dst[start:start + 256] = src[start:min(start + 256, len(kept))]
-            dst.flush()
-            del dst, src
-            os.replace(tmp_compact, tmp_npy)
-            tmp_compact = None
-        else:
-            arr.flush()
-            del arr
         kept_set = set(kept)
         meta = {
             'key': key, 'version': _CACHE_VERSION, 'short_side': short_side, 'interpolation': interpolation,
-            'labels': [int(samples[i][1]) for i in kept], 'kept_indices': kept,
+            'max_aspect': float(max_aspect), 'labels': [int(samples[i][1]) for i in kept], 'kept_indices': kept,
+            'offsets': offsets, 'shapes': shapes,
             'skipped': [str(samples[i][0]) for i in range(n) if i not in kept_set],
         }
         _atomic_write_text(meta_path, json.dumps(meta))
-        os.replace(tmp_npy, npy_path)  # the array appears last and complete
+        os.replace(tmp_bin, bin_path)  # the pixels appear last and complete
     except BaseException:
-        _unlink_quiet(tmp_npy)
-        if tmp_compact is not None:
-            _unlink_quiet(tmp_compact)
+        _unlink_quiet(tmp_bin)
         raise
-    return _info_from_meta(npy_path, meta, built=True, seconds=time.perf_counter() - t0)
+    return _info_from_meta(bin_path, meta, built=True, seconds=time.perf_counter() - t0)
 
 
-def _fill(arr: np.ndarray, results, kept: list[int], n: int, progress) -> None:
-    """Write decoded images densely (row k = k-th decodable image) and record which sample each row is."""
-    row = 0
+def _append(f, results, kept: list[int], offsets: list[int], shapes: list[list[int]], n: int, progress) -> None:
+    """Write decoded images back to back and record where each one starts, its size and its sample index."""
+    pos = 0
     for i, img in enumerate(results):
         if img is not None:
-            arr[row] = img
+            f.write(img.tobytes())
             kept.append(i)
-            row += 1
+            offsets.append(pos)
+            shapes.append([int(img.shape[0]), int(img.shape[1])])
+            pos += img.nbytes
         if progress is not None:
             progress(i + 1, n)
 
 
-def _info_from_meta(npy_path: Path, meta: dict, built: bool, seconds: float) -> CacheInfo:
+def _info_from_meta(bin_path: Path, meta: dict, built: bool, seconds: float) -> CacheInfo:
     return CacheInfo(
-        path=npy_path, labels=list(meta['labels']), n_skipped=len(meta['skipped']), skipped=list(meta['skipped']),
+        path=bin_path, labels=list(meta['labels']), n_skipped=len(meta['skipped']), skipped=list(meta['skipped']),
         kept_indices=list(meta['kept_indices']), short_side=int(meta['short_side']), n_images=len(meta['labels']),
-        key=meta['key'], built=built, build_seconds=seconds,
+        key=meta['key'], built=built, build_seconds=seconds, n_bytes=int(sum(h * w * 3 for h, w in meta['shapes'])),
     )
 
 
 class CachedDataset(Dataset):
-    """Memory-mapped view of a :func:`build_cache` file: ``dataset[i] -> (uint8 tensor [3, S, S], int label)``.
+    """Memory-mapped view of a :func:`build_cache` file: ``dataset[i] -> (uint8 tensor [3, h, w], int label)``.
 
-    The memory map is opened lazily in each process (DataLoader workers pickle the dataset, not the map), and
-    batched fetches (``__getitems__``, used by ``DataLoader`` automatically) read a whole batch with one
-    sorted fancy-index, which is mostly sequential I/O from the page cache.
+    The memory map is opened lazily in each process (DataLoader workers pickle the dataset, not the map).
+    Batched fetches (``__getitems__``, used by ``DataLoader`` automatically) copy the images of a batch, in file
+    order, into one uint8 canvas as large as the batch's largest image (padding repeats each image's last row and
+    column, so bilinear sampling at a crop's edge never reads black), and remember each image's ``(h, w)``;
+    :func:`collate_padded` hands both on.
 
     Example::
 
         >>> ds = CachedDataset(build_cache(samples, 256, '/tmp/cache').path)
         >>> img, label = ds[0]; img.dtype, tuple(img.shape)
-        (torch.uint8, (3, 256, 256))
+        (torch.uint8, (3, 256, 341))
     """
 
     def __init__(self, cache_path: str | Path):
@@ -337,18 +339,28 @@ class CachedDataset(Dataset):
                 f'{self.cache_path} (and its .json sidecar) not found: build it with build_cache(samples, S, dir) '
                 'and pass CacheInfo.path')
         meta = json.loads(meta_path.read_text())
+        if meta.get('version') != _CACHE_VERSION or 'offsets' not in meta:
+            raise ValueError(f'{self.cache_path} was written by another version of fastdata; call build_cache '
+                             'again (it writes a new file) and pass the new CacheInfo.path')
         self.labels: list[int] = list(meta['labels'])
         self.short_side: int = int(meta['short_side'])
+        self.offsets = np.asarray(meta['offsets'], dtype=np.int64)
+        self.shapes = np.asarray(meta['shapes'], dtype=np.int64).reshape(-1, 2)
         self._arr: Optional[np.ndarray] = None
-        shape = self._array().shape
-        if shape[0] != len(self.labels):
-            raise ValueError(f'{self.cache_path}: {shape[0]} images but {len(self.labels)} labels; delete the '
-                             'file and its .json so build_cache rebuilds it')
+        expected = int((self.shapes[:, 0] * self.shapes[:, 1] * 3).sum())
+        if len(self.offsets) != len(self.labels) or self.cache_path.stat().st_size != expected:
+            raise ValueError(f'{self.cache_path}: {self.cache_path.stat().st_size} bytes, the sidecar describes '
+                             f'{expected}; delete the file and its .json so build_cache rebuilds it')
 
     def _array(self) -> np.ndarray:
         if self._arr is None:
-            self._arr = np.load(self.cache_path, mmap_mode='r')
+            self._arr = np.memmap(self.cache_path, dtype=np.uint8, mode='r')
         return self._arr
+
+    def _hwc(self, i: int) -> np.ndarray:
+        h, w = self.shapes[i]
+        start = self.offsets[i]
+        return self._array()[start:start + h * w * 3].reshape(h, w, 3)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -359,20 +371,27 @@ class CachedDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
-        img = torch.from_numpy(np.array(self._array()[idx])).permute(2, 0, 1)  # copy: the map is read-only
+        img = torch.from_numpy(np.array(self._hwc(idx))).permute(2, 0, 1)  # copy: the map is read-only
         return img, self.labels[idx]
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-        arr = self._array()
         idx = np.asarray(indices, dtype=np.int64)
-        order = np.argsort(idx, kind='stable')
-        shape = (len(idx),) + arr.shape[1:]
-        images = _empty_uint8(shape)
-        images.numpy()[order] = arr[idx[order]]  # one sorted read, then back to the sampler's order
-        images = images.permute(0, 3, 1, 2)  # [B, 3, S, S] with channels_last strides, no copy
-        out = _Batch((images[k], self.labels[i]) for k, i in enumerate(indices))
-        out.images, out.labels = images, torch.tensor([self.labels[i] for i in indices], dtype=torch.int64)
-        return out
+        sizes = self.shapes[idx]
+        canvas = _empty_uint8((len(idx), int(sizes[:, 0].max()), int(sizes[:, 1].max()), 3))
+        c = canvas.numpy()
+        for k in np.argsort(self.offsets[idx], kind='stable'):  # file order: mostly sequential reads
+            _paste(c[k], self._hwc(int(idx[k])))
+        return _Batch.of(canvas.permute(0, 3, 1, 2), [self.labels[i] for i in indices], torch.from_numpy(sizes))
+
+
+def _paste(canvas_hwc: np.ndarray, img_hwc: np.ndarray) -> None:
+    """Copy an image into the top-left of a canvas and repeat its last column and row over the rest."""
+    h, w = img_hwc.shape[:2]
+    canvas_hwc[:h, :w] = img_hwc
+    if w < canvas_hwc.shape[1]:
+        canvas_hwc[:h, w:] = canvas_hwc[:h, w - 1:w]
+    if h < canvas_hwc.shape[0]:
+        canvas_hwc[h:] = canvas_hwc[h - 1:h]
 
 
 def _empty_uint8(shape: tuple[int, ...]) -> torch.Tensor:
@@ -385,27 +404,52 @@ def _empty_uint8(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class _Batch(list):
-    """A list of ``(image, label)`` samples (so any collate_fn works) that also carries the stacked batch."""
+    """A list of ``(image, label)`` samples (so any collate_fn works) that also carries the padded batch."""
     images: torch.Tensor
     labels: torch.Tensor
+    sizes: torch.Tensor
+
+    @classmethod
+    def of(cls, images: torch.Tensor, labels: list[int], sizes: torch.Tensor) -> '_Batch':
+        out = cls((images[k, :, :h, :w], lab) for k, ((h, w), lab) in enumerate(zip(sizes.tolist(), labels)))
+        out.images, out.labels, out.sizes = images, torch.tensor(labels, dtype=torch.int64), sizes
+        return out
+
+
+def collate_padded(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``collate_fn`` for images of different sizes: ``(uint8 [B, 3, H, W] padded, int64 labels [B], sizes [B, 2])``.
+
+    ``sizes[k] = (h, w)`` of image ``k``; ``H, W`` are the largest. Pass ``sizes`` on to :class:`BatchAugment`.
+    Batches from :class:`CachedDataset` arrive already padded and are passed through without a copy.
+
+    Example::
+
+        >>> loader = DataLoader(CachedDataset(info.path), batch_size=32, collate_fn=collate_padded)
+        >>> images, labels, sizes = next(iter(loader))
+    """
+    if isinstance(samples, _Batch):
+        return samples.images, samples.labels, samples.sizes
+    sizes = torch.tensor([list(img.shape[-2:]) for img, _ in samples], dtype=torch.int64)
+    canvas = _empty_uint8((len(samples), int(sizes[:, 0].max()), int(sizes[:, 1].max()), 3))
+    for k, (img, _) in enumerate(samples):
+        _paste(canvas[k].numpy(), img.permute(1, 2, 0).numpy())
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return canvas.permute(0, 3, 1, 2), labels, sizes
 
 
 class _CollateThenTransform:
-    """Stack uint8 samples into a batch, then (optionally) run a batch transform, inside the worker."""
+    """Pad uint8 samples into a batch, then (optionally) run a batch transform on it, inside the worker."""
 
-    def __init__(self, batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    def __init__(self, batch_transform: Optional[Callable[..., torch.Tensor]] = None):
         self.batch_transform = batch_transform
 
-    def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(samples, _Batch):  # CachedDataset already stacked it: no second copy
-            images, labels = samples.images, samples.labels
-        else:
-            images = torch.stack([img for img, _ in samples])
-            labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels, sizes = collate_padded(samples)
         if self.batch_transform is not None:
             with torch.no_grad():
-                images = self.batch_transform(images)
-        return images, labels
+                images = self.batch_transform(images, sizes)
+            sizes = torch.tensor([list(images.shape[-2:])] * len(labels), dtype=torch.int64)
+        return images, labels, sizes
 
 
 def make_fast_loader(
@@ -417,9 +461,11 @@ def make_fast_loader(
         persistent_workers: bool = True,
         seed: int = 0,
         drop_last: bool = False,
-        batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        batch_transform: Optional[Callable[..., torch.Tensor]] = None,
 ) -> DataLoader:
     """DataLoader with the settings that suit a :class:`CachedDataset` (uint8 batches, cheap per item).
+
+    Batches are ``(images, labels, sizes)`` as :func:`collate_padded` makes them.
 
     Args:
         dataset: usually a :class:`CachedDataset`.
@@ -431,7 +477,8 @@ def make_fast_loader(
         persistent_workers: keep workers (and their memory maps) alive across epochs; only if ``num_workers > 0``.
         seed: seeds the shuffle order and the workers' torch RNG, so two loaders with the same seed yield the
             same batches (and, with ``batch_transform``, the same augmentations).
-        batch_transform: optional callable run on each stacked uint8 batch inside the workers. When training
+        batch_transform: optional ``callable(images, sizes)`` run on each padded uint8 batch inside the workers;
+            the batch's ``sizes`` are then those of its output. When training
             on CPU pass ``augment.resample`` of a ``BatchAugment`` (crops run in parallel to the training step,
             as PIL transforms would, and uint8 batches are cheap to pass) and call ``augment.normalize`` on the
             batches in the training loop. On a GPU leave it ``None`` and run the whole ``augment`` there.
@@ -439,7 +486,7 @@ def make_fast_loader(
     Example::
 
         >>> loader = make_fast_loader(CachedDataset(info.path), batch_size=64, shuffle=True, seed=42)
-        >>> images, labels = next(iter(loader))   # uint8 [64, 3, S, S], int64 [64]
+        >>> images, labels, sizes = next(iter(loader))   # uint8 [64, 3, H, W], int64 [64], int64 [64, 2]
     """
     g = torch.Generator()
     g.manual_seed(seed)
@@ -459,12 +506,14 @@ class BatchAugment(nn.Module):
         img_size: output side.
         mean, std: per-channel normalization in [0, 1] units (e.g. ``model.pretrained_cfg['mean']``).
         train: random crops and flips if True, else timm's center crop.
-        scale, ratio: RandomResizedCrop area fraction (of the cached ``S x S`` square, see module doc) and
-            aspect-ratio range; the sampling follows timm's ``RandomResizedCropAndInterpolation.get_params``
+        scale, ratio: RandomResizedCrop area fraction (of each image's own ``h x w``) and aspect-ratio range; the sampling follows timm's ``RandomResizedCropAndInterpolation.get_params``
             (10 attempts, then the central crop).
         hflip: probability of a horizontal flip.
         crop_pct: eval crop fraction, as in timm's eval transform.
         channels_last: return the batch in channels_last memory format.
+
+    A batch may be padded (images of different sizes, see :func:`collate_padded`): pass its ``sizes`` and
+    every crop box is sampled inside its own image, and the eval crop is centred on it.
 
     On an accelerator all crops of a batch are resampled in one bilinear ``grid_sample`` call (no Python loop
     per image). With ``S = floor(img_size / crop_pct)`` a crop is shrunk by at most ``1 / crop_pct`` (1.14x),
@@ -481,6 +530,9 @@ class BatchAugment(nn.Module):
         >>> aug = BatchAugment(224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), train=True)
         >>> aug(torch.randint(0, 256, (8, 3, 256, 256), dtype=torch.uint8)).shape
         torch.Size([8, 3, 224, 224])
+        >>> sizes = torch.tensor([[256, 341], [300, 256]])   # (h, w) of two images padded to 300 x 341
+        >>> aug(torch.randint(0, 256, (2, 3, 300, 341), dtype=torch.uint8), sizes).shape
+        torch.Size([2, 3, 224, 224])
     """
 
     def __init__(
@@ -517,45 +569,57 @@ class BatchAugment(nn.Module):
         return (f'img_size={self.img_size}, train={self.train_mode}, scale={self.scale}, ratio={self.ratio}, '
                 f'hflip={self.hflip}, crop_pct={self.crop_pct}')
 
-    def sample_boxes(self, batch: int, height: int, width: int,
+    def sample_boxes(self, batch: int, height: int | torch.Tensor, width: int | torch.Tensor,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Crop boxes ``[B, 4]`` as ``(x1, y1, x2, y2)`` pixel edges, timm's RandomResizedCrop rule, vectorized."""
+        """Crop boxes ``[B, 4]`` as ``(x1, y1, x2, y2)`` pixel edges, timm's RandomResizedCrop rule, vectorized.
+
+        ``height`` and ``width`` are one size for the whole batch or one per image (``[B]`` tensors).
+
+        Example::
+
+            >>> BatchAugment(224, (0.5,) * 3, (0.5,) * 3, train=True).sample_boxes(2, 256, 341).shape
+            torch.Size([2, 4])
+        """
         attempts = 10
-        area = float(height * width)
+        height = torch.as_tensor(height, dtype=torch.float64).reshape(-1).expand(batch)
+        width = torch.as_tensor(width, dtype=torch.float64).reshape(-1).expand(batch)
+        area = (height * width)[:, None]
         u = torch.rand(batch, attempts, 2, generator=generator, dtype=torch.float64)
         target_area = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[..., 0])
         log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[..., 1])
         w = torch.round(torch.sqrt(target_area * aspect))
         h = torch.round(torch.sqrt(target_area / aspect))
-        ok = (w <= width) & (h <= height) & (w >= 1) & (h >= 1)
+        ok = (w <= width[:, None]) & (h <= height[:, None]) & (w >= 1) & (h >= 1)
         first = ok.to(torch.uint8).argmax(dim=1)  # first valid attempt, as in the sequential loop
         any_ok = ok.any(dim=1)
         w = w.gather(1, first[:, None])[:, 0]
         h = h.gather(1, first[:, None])[:, 0]
         # fallback: central crop clamped to the ratio range
         in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            fw, fh = float(width), float(round(width / self.ratio[0]))
-        elif in_ratio > self.ratio[1]:
-            fw, fh = float(round(height * self.ratio[1])), float(height)
-        else:
-            fw, fh = float(width), float(height)
-        w = torch.where(any_ok, w, torch.full_like(w, fw))
-        h = torch.where(any_ok, h, torch.full_like(h, fh))
+        too_tall, too_wide = in_ratio < self.ratio[0], in_ratio > self.ratio[1]
+        fw = torch.where(too_wide, torch.round(height * self.ratio[1]), width)
+        fh = torch.where(too_tall, torch.round(width / self.ratio[0]), height)
+        w = torch.where(any_ok, w, fw)
+        h = torch.where(any_ok, h, fh)
         pos = torch.rand(batch, 2, generator=generator, dtype=torch.float64)
         # random.randint(0, n) is uniform over n + 1 integers
-        i = torch.floor(pos[:, 0] * (height - h + 1)).clamp_max(height - h)
-        j = torch.floor(pos[:, 1] * (width - w + 1)).clamp_max(width - w)
+        i = torch.minimum(torch.floor(pos[:, 0] * (height - h + 1)), height - h)
+        j = torch.minimum(torch.floor(pos[:, 1] * (width - w + 1)), width - w)
         i = torch.where(any_ok, i, torch.floor((height - h) / 2))
         j = torch.where(any_ok, j, torch.floor((width - w) / 2))
         return torch.stack([j, i, j + w, i + h], dim=1)
 
-    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """uint8 (or float in 0..255) ``[B, 3, H, W]`` on any device -> float32 normalized ``[B, 3, img, img]``."""
-        return self.normalize(self.resample(x, generator), inplace=True)  # resample's output is ours to reuse
+    def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """uint8 (or float in 0..255) ``[B, 3, H, W]`` on any device -> float32 normalized ``[B, 3, img, img]``.
 
-    def resample(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        ``sizes``: ``[B, 2]`` ``(h, w)`` of each image in a padded batch (None: every image fills ``H x W``).
+        """
+        return self.normalize(self.resample(x, sizes, generator), inplace=True)  # resample's output is ours
+
+    def resample(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The geometric part alone: crops/flips (train) or the center crop (eval), resized to ``img_size``.
 
         Keeps pixel values in 0..255; a uint8 batch on CPU stays uint8 (a quarter of the bytes to move between
@@ -563,10 +627,21 @@ class BatchAugment(nn.Module):
         """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f'BatchAugment expects a [B, 3, H, W] batch, got shape {tuple(x.shape)}')
-        if not self.train_mode:
-            return self._center(x)
         b, _, height, width = x.shape
-        boxes = self.sample_boxes(b, height, width, generator)
+        if sizes is not None:
+            sizes = torch.as_tensor(sizes).to('cpu', torch.int64)
+            if sizes.shape != (b, 2) or (sizes < 1).any() or (sizes[:, 0] > height).any() or \
+                    (sizes[:, 1] > width).any():
+                raise ValueError(f'sizes must be [B, 2] (h, w) pairs inside the {height}x{width} batch, got '
+                                 f'{sizes.tolist()}')
+            if bool((sizes == torch.tensor([height, width])).all()):
+                sizes = None  # nothing is padded: the whole-batch route
+        if not self.train_mode:
+            return self._center(x, sizes)
+        if sizes is None:
+            boxes = self.sample_boxes(b, height, width, generator)
+        else:
+            boxes = self.sample_boxes(b, sizes[:, 0], sizes[:, 1], generator)
         flip = torch.rand(b, generator=generator) < self.hflip if self.hflip > 0 else torch.zeros(b, dtype=torch.bool)
         if x.device.type == 'cpu' and x.dtype == torch.uint8:
             return self._crops_uint8_cpu(x, boxes, flip)
@@ -627,10 +702,14 @@ class BatchAugment(nn.Module):
         grid[..., 1] = gy.to(device=x.device, dtype=torch.float32)[:, :, None]
         return F.grid_sample(x.float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
 
-    def _center(self, x: torch.Tensor) -> torch.Tensor:
+    def _center(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """timm eval: resize shortest side to floor(img/crop_pct), center crop img. In cache pixels that is a
         central crop of img * S / floor(img/crop_pct) pixels resized to img (an exact slice when S matches)."""
-        height, width = x.shape[-2:]
+        if sizes is None:
+            return self._center_same_size(x, *x.shape[-2:])
+        return torch.cat([self._center_same_size(x[k:k + 1], h, w) for k, (h, w) in enumerate(sizes.tolist())])
+
+    def _center_same_size(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         scale_size = math.floor(self.img_size / self.crop_pct)
         crop = self.img_size * min(height, width) / scale_size
         ch = cw = int(round(crop))

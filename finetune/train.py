@@ -113,6 +113,8 @@ def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict,
         train_aug = eval_aug = None
         skipped = []  # already left out by load_samples' check
     loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+    if cfg.fast_data:  # cached images keep their aspect ratio: batches are padded and carry each image's size
+        loader_kw['collate_fn'] = fastdata.collate_padded
     # drop_last: every step sees a full batch (BatchNorm with a batch of 1 fails, and steps stay comparable)
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                                **loader_kw)
@@ -222,10 +224,10 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
         t0, loss_sum, n_batches = time.time(), torch.zeros((), device=accelerator.device), 0
         bar = tqdm(total=len(train_loader), desc=f'epoch {epoch + 1}/{cfg.epochs}', leave=False,
                    disable=not accelerator.is_local_main_process)
-        for images, targets in train_loader:
+        for images, targets, *sizes in train_loader:
             with accelerator.accumulate(model):
                 if train_aug is not None:
-                    images = train_aug(images)
+                    images = train_aug(images, *sizes)
                 elif channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 logits = model(images)

@@ -1,6 +1,7 @@
 """Tests for finetune/fastdata.py: the decode-once cache, the cached dataset/loader and BatchAugment."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -12,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.fastdata import (BatchAugment, CachedDataset, build_cache, default_short_side, load_and_resize,
-                               make_fast_loader)
+from finetune.fastdata import (BatchAugment, CachedDataset, build_cache, collate_padded, default_short_side,
+                               load_and_resize, make_fast_loader)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -41,13 +42,23 @@ def test_build_reuse_and_contents(tmp_path):
     assert info.built and info.n_images == 6 and info.n_skipped == 0
     assert info.labels == [lab for _, lab in samples] and info.kept_indices == list(range(6))
     ds = CachedDataset(info.path)
-    img, label = ds[3]
-    assert img.dtype == torch.uint8 and tuple(img.shape) == (3, 20, 20) and label == samples[3][1]
+    img, label = ds[3]  # a 36 x 48 portrait: short side 20, aspect ratio kept
+    assert img.dtype == torch.uint8 and tuple(img.shape) == (3, 26, 20) and label == samples[3][1]
+    assert tuple(ds[2][0].shape) == (3, 20, 26)
     assert torch.equal(img, torch.from_numpy(load_and_resize(samples[3][0], 20)))
-    # batched fetch keeps the requested order (it reads sorted internally)
-    got = ds.__getitems__([4, 0, 4, 2])
-    for (im, lab), i in zip(got, [4, 0, 4, 2]):
+    # batched fetch keeps the requested order (it reads in file order internally) and pads to the largest image
+    got = ds.__getitems__([4, 3, 4, 2])
+    for (im, lab), i in zip(got, [4, 3, 4, 2]):
         assert torch.equal(im, ds[i][0]) and lab == samples[i][1]
+    images, labels, sizes = collate_padded(got)
+    assert tuple(images.shape) == (4, 3, 26, 26) and sizes.tolist() == [[20, 26], [26, 20], [20, 26], [20, 26]]
+    assert labels.tolist() == [samples[i][1] for i in [4, 3, 4, 2]]
+    # the padding repeats the last row / column, so bilinear sampling at a crop's edge never reads black
+    assert torch.equal(images[0, :, 20:, :], images[0, :, 19:20, :].expand(3, 6, 26))
+    assert torch.equal(images[1, :, :, 20:], images[1, :, :, 19:20].expand(3, 26, 6))
+    # any collate path gives the same batch: plain samples (no __getitems__) are padded the same way
+    plain = collate_padded([ds[i] for i in [4, 3, 4, 2]])
+    assert all(torch.equal(a, b) for a, b in zip(plain, (images, labels, sizes)))
     again = build_cache(samples, 20, tmp_path / 'cache', num_workers=0)
     assert not again.built and again.path == info.path
 
@@ -214,7 +225,8 @@ def test_eval_matches_timm_pil_transform_on_real_image(shared_dir, tmp_path):
     for short, tol_max, tol_mean in ((default_short_side(224), 1e-4, 1e-5), (288, None, 0.07)):
         info = build_cache(samples, short, tmp_path / 'cache', num_workers=0)
         ds = CachedDataset(info.path)
-        out = BatchAugment(224, MEAN, STD, train=False, crop_pct=0.875)(torch.stack([ds[i][0] for i in range(3)]))
+        images, _, sizes = collate_padded(ds.__getitems__([0, 1, 2]))
+        out = BatchAugment(224, MEAN, STD, train=False, crop_pct=0.875)(images, sizes)
         diff = (out - ref).abs()
         assert diff.mean() < tol_mean, (short, diff.mean())
         if tol_max is not None:
@@ -228,8 +240,10 @@ def test_fast_loader_batches_and_workers(tmp_path):
     in_proc = list(make_fast_loader(ds, 4, shuffle=True, num_workers=0, seed=3))
     same = list(make_fast_loader(ds, 4, shuffle=True, num_workers=0, seed=3))
     assert [b[1].tolist() for b in in_proc] == [b[1].tolist() for b in same]
-    imgs, labels = in_proc[0]
-    assert imgs.dtype == torch.uint8 and tuple(imgs.shape) == (4, 3, 16, 16) and labels.dtype == torch.int64
+    imgs, labels, sizes = in_proc[0]
+    assert imgs.dtype == torch.uint8 and labels.dtype == torch.int64 and tuple(sizes.shape) == (4, 2)
+    assert tuple(imgs.shape[2:]) == (int(sizes[:, 0].max()), int(sizes[:, 1].max()))
+    assert (sizes.min(1).values == 16).all() and (sizes.max(1).values == 21).all()  # 48 x 36 at short side 16
     aug = BatchAugment(12, MEAN, STD, train=True)
     run = [list(make_fast_loader(ds, 4, shuffle=True, num_workers=1, seed=3, batch_transform=aug))
            for _ in range(2)]
@@ -241,3 +255,71 @@ def test_fast_loader_batches_and_workers(tmp_path):
 
 def test_default_short_side():
     assert default_short_side(224) == 256 and default_short_side(224, 0.95) == math.floor(224 / 0.95)
+
+
+def test_cache_keeps_whole_image_and_caps_the_long_side(tmp_path):
+    """The cache keeps the aspect ratio (crops can reach the borders); only panoramas beyond max_aspect are cut."""
+    wide = np.zeros((30, 90, 3), np.uint8)  # 3:1, left third red, right third blue
+    wide[:, :30, 0] = 255
+    wide[:, 60:, 2] = 255
+    path = tmp_path / 'wide.png'
+    Image.fromarray(wide).save(path)
+    assert load_and_resize(str(path), 10, max_aspect=4.0).shape == (3, 10, 30)
+    capped = load_and_resize(str(path), 10, max_aspect=2.0)  # the central 20 of 30 columns
+    assert capped.shape == (3, 10, 20)
+    assert capped[0, :, :3].min() > 200 and capped[2, :, -3:].min() > 200  # both colours survive the cut
+    with pytest.raises(ValueError, match='max_aspect'):
+        build_cache([(str(path), 0)], 10, tmp_path / 'cache', max_aspect=0.5)
+
+
+def test_train_crops_reach_the_borders_of_wide_images(tmp_path):
+    """A 2:1 photo: crops sample the whole width (the old center-square cache never saw the outer quarters)."""
+    img = np.full((32, 64, 3), 128, np.uint8)
+    img[:, :12] = (255, 0, 0)
+    img[:, -12:] = (0, 0, 255)
+    path = tmp_path / 'wide.png'
+    Image.fromarray(img).save(path)
+    ds = CachedDataset(build_cache([(str(path), 0)] * 1, 32, tmp_path / 'cache', num_workers=0).path)
+    images, _, sizes = collate_padded(ds.__getitems__([0] * 64))
+    aug = BatchAugment(16, mean=(0, 0, 0), std=(1 / 255,) * 3, train=True, hflip=0.0)
+    out = aug(images, sizes, generator=torch.Generator().manual_seed(0))
+    red = ((out[:, 0] > 200) & (out[:, 2] < 50)).flatten(1).any(1).float().mean()
+    blue = ((out[:, 2] > 200) & (out[:, 0] < 50)).flatten(1).any(1).float().mean()
+    assert red > 0.2 and blue > 0.2, (red, blue)
+
+
+def test_padded_batches_crop_inside_each_image():
+    """Boxes stay inside every image's own size; the batched float route and the CPU uint8 route agree, and
+    an eval batch equals the images' own center crops."""
+    torch.manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(2, 3, 12, 12) * 255, size=(48, 64), mode='bicubic',
+                                             align_corners=False).clamp(0, 255).round().to(torch.uint8)
+    samples = [(smooth[0], 0), (smooth[1, :, :40, :32].contiguous(), 1)]  # 48 x 64 landscape, 40 x 32 portrait
+    images, _, sizes = collate_padded(samples)
+    assert sizes.tolist() == [[48, 64], [40, 32]]
+    aug = BatchAugment(24, mean=(0, 0, 0), std=(1 / 255,) * 3, train=True)
+    boxes = aug.sample_boxes(2000, sizes[:, 0].repeat(1000), sizes[:, 1].repeat(1000),
+                             torch.Generator().manual_seed(0))
+    assert (boxes[:, :2] >= 0).all()
+    assert (boxes[:, 2] <= sizes[:, 1].repeat(1000)).all() and (boxes[:, 3] <= sizes[:, 0].repeat(1000)).all()
+    assert (boxes[0::2, 2] == 64).any() and (boxes[1::2, 2] == 32).any()  # each image's own far edge is reached
+    cpu = aug(images, sizes, generator=torch.Generator().manual_seed(1))
+    grid = aug(images.float(), sizes, generator=torch.Generator().manual_seed(1))
+    assert (cpu - grid).abs().mean() < 2.0
+    ev = BatchAugment(24, mean=(0, 0, 0), std=(1 / 255,) * 3, train=False, crop_pct=0.875)
+    out = ev(images, sizes)
+    for k, (img, _) in enumerate(samples):
+        assert torch.equal(out[k:k + 1], ev(img[None]))
+    with pytest.raises(ValueError, match='sizes must be'):
+        aug(images, torch.tensor([[48, 64], [41, 65]]))
+
+
+def test_cache_from_another_version_is_refused_with_advice(tmp_path):
+    samples = _write_images(tmp_path / 'img', 2)
+    info = build_cache(samples, 16, tmp_path / 'cache', num_workers=0)
+    meta_path = info.path.with_suffix('.json')
+    meta = json.loads(meta_path.read_text())
+    meta['version'] = 2
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match='call build_cache'):
+        CachedDataset(info.path)
