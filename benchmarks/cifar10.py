@@ -101,14 +101,20 @@ def _subset_indices(n: int, k: int | None, seed: int = 0) -> np.ndarray:
 
 
 def _decode(buf: np.ndarray, offsets: np.ndarray, idx: np.ndarray, workers: int) -> torch.Tensor:
-    """Decode the JPEGs ``idx`` of one split into an ``N x 3 x 32 x 32`` uint8 tensor (threads: the op frees the GIL)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    """Decode the JPEGs ``idx`` of one split into an ``N x 3 x 32 x 32`` uint8 tensor (threads: PIL's decoder frees
+    the GIL). PIL rather than torchvision.io, whose image decoders are deprecated since torchvision 0.29."""
+    import io
 
-    data = torch.from_numpy(buf)
+    from PIL import Image
+
     chunks = np.array_split(idx, max(1, min(workers, len(idx) // 256 or 1)))
 
     def work(ch: np.ndarray) -> torch.Tensor:
-        return torch.stack(decode_jpeg([data[offsets[i]:offsets[i + 1]] for i in ch], mode=ImageReadMode.RGB))
+        out = np.empty((len(ch), 32, 32, 3), dtype=np.uint8)
+        for k, i in enumerate(ch):
+            with Image.open(io.BytesIO(buf[offsets[i]:offsets[i + 1]].tobytes())) as im:
+                out[k] = np.asarray(im.convert('RGB'))
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return torch.cat(list(pool.map(work, chunks)))

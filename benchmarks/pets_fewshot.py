@@ -133,7 +133,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
     command = command_line(argv, 'benchmarks/pets_fewshot.py')
     written = write_result(out_prefix.with_suffix('.json'), results, command=command,
                            seeds=seeds, wall_time_s=wall, started_at=started, label=label)
-    md = results_markdown(results, heading=False)
+    md = results_markdown(results, heading=False, unit='(fold, seed)')
     meta = written['meta']
     header = (f"# pets370 few-shot fine-tuning ({profile} profile)\n\n"
               f"{setup['model']}; {setup['dataset']}; {p['epochs']} epochs at {p['img_size']} px, seeds {seeds}; "
@@ -143,7 +143,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
               f"Date: {meta['date_utc']}; the finished runs took {runs_wall / 60:.1f} min of wall time in all\n"
               + (f'\n**{label}**\n' if label else '') + '\n')
     out_prefix.with_suffix('.md').write_text(header + md)
-    plot_results(results, out_prefix.with_suffix('.png'))
+    plot_results(results, out_prefix.with_suffix('.png'), unit='(fold, seed)')
     print(header + md)
     return written
 

@@ -95,8 +95,15 @@ def summarize_runs(runs: dict[str, dict[int, dict]], baseline: str, descriptions
     return dict(setup=setup, baseline=baseline, variants=variants, comparisons=comparisons)
 
 
-def results_markdown(results: dict[str, Any], heading: bool = True) -> str:
-    """The results.md table: mean +- std per variant and the paired difference in top-1 vs the baseline."""
+def results_markdown(results: dict[str, Any], heading: bool = True, unit: str = 'seed') -> str:
+    """The results.md table: mean +- std per variant and the paired difference in top-1 vs the baseline.
+
+    ``unit`` names what a pair is (``'seed'`` for ``finetune bench``; e.g. ``'(fold, seed)'`` for repeated splits).
+
+    Example::
+
+        >>> md = results_markdown(json.load(open('runs/bench/results.json')))   # doctest: +SKIP
+    """
     base = results['baseline']
     setup = results.get('setup', {})
     lines = []
@@ -104,7 +111,8 @@ def results_markdown(results: dict[str, Any], heading: bool = True) -> str:
         lines += ['# finetune bench results', '',
                   f"model `{setup.get('model')}`, dataset `{setup.get('dataset')}` ({setup.get('data_dir')}), "
                   f"{setup.get('epochs')} epochs at {setup.get('img_size')} px, seeds {setup.get('seeds')}.", '']
-    lines += [f'Paired difference = variant - `{base}` on the same seed; 95% t-interval over seeds.', '',
+    lines += [f'Paired difference = variant - `{base}` on the same {unit}; 95% t-interval over the {unit} pairs.',
+              '',
               '| variant | what | n | top-1 (mean +- std) | mean class acc | NLL | ECE '
               '| top-1 diff vs baseline [95% CI] |',
               '|---|---|---|---|---|---|---|---|']
@@ -114,15 +122,20 @@ def results_markdown(results: dict[str, Any], heading: bool = True) -> str:
         else:
             c = results['comparisons'][name]['top1']
             diff = (f"{c['mean']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c['n'] > 1 else
-                    f"{c['mean']:+.4f} (1 seed, no interval)" if c['n'] == 1 else 'n/a')
+                    f"{c['mean']:+.4f} (1 {unit}, no interval)" if c['n'] == 1 else 'n/a')
         lines.append(f"| {name} | {v['description']} | {v['n']} | {v['top1']['mean']:.4f} +- {v['top1']['std']:.4f} "
                      f"| {v['mean_class_acc']['mean']:.4f} +- {v['mean_class_acc']['std']:.4f} "
                      f"| {v['nll']['mean']:.3f} | {v['ece']['mean']:.3f} | {diff} |")
     return '\n'.join(lines) + '\n'
 
 
-def plot_results(results: dict[str, Any], path: str | Path) -> Path:
-    """Top-1 per seed (dots) and mean +- std (bar) per variant, as PNG."""
+def plot_results(results: dict[str, Any], path: str | Path, unit: str = 'seed') -> Path:
+    """Top-1 per ``unit`` (dots) and mean +- std (bar) per variant, as PNG.
+
+    Example::
+
+        >>> plot_results(json.load(open('runs/bench/results.json')), 'runs/bench/results.png')  # doctest: +SKIP
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -138,7 +151,7 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_xticks(range(len(names)), names, rotation=30, ha='right')
     ax.set_ylabel('top-1 (eval split)')
     ax.legend(loc='best', fontsize=8)
-    ax.set_title('dropout variants: mean +- std (squares), seeds (dots)')
+    ax.set_title(f'dropout variants: mean +- std (squares), one dot per {unit}')
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

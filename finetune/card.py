@@ -1,4 +1,4 @@
-"""Model card: metadata as ``huggingface_hub.ModelCardData``, text rendered from ``model_cards/template.md``.
+"""Model card: metadata as ``huggingface_hub.ModelCardData``, text rendered from ``finetune/templates/model_card.md``.
 
 The card is built only from files in the model folder (``config.json``, ``training_config.json``,
 ``eval_metrics.json``) plus an optional bench ``results.json``, so ``push`` can re-render it later (for example
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-TEMPLATE = Path(__file__).resolve().parent.parent / 'model_cards' / 'template.md'
+TEMPLATE = Path(__file__).resolve().parent / 'templates' / 'model_card.md'  # shipped as package data
 DATASET_IDS = {'pets': 'timm/oxford-iiit-pet'}
 DATASET_NAMES = {'pets': 'Oxford-IIIT Pet', 'imagefolder': 'image folder'}
 TRAINING_CONFIG = 'training_config.json'
