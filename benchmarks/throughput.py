@@ -600,7 +600,7 @@ def to_markdown(res: dict[str, Any]) -> str:
              f"device {res['device']}" + (f" ({res['gpu']})" if res.get('gpu') else ''),
              f"- load average at start / end: {res['load_average_start']} / {res['load_average_end']}",
              f"- toolkit bf16 autocast: {res['bf16_autocast_toolkit']} (used only where it is faster than fp32)",
-             f"- values: mean ± sample std over repeats (n given); 'spread' in the JSON has every value", '']
+             "- values: mean ± sample std over repeats (n given); 'spread' in the JSON has every value", '']
     if res.get('note'):
         lines += [f"**Note:** {res['note']}", '']
     if res.get('matmul_tflops'):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Positions are re-validated by timm_dropfix.rewrite; listed here so --help shows them without importing torch.

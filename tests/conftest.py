@@ -20,11 +20,25 @@ def shared_dir() -> Path:
     """
     path = Path(os.environ.get('TIMM_DROPFIX_SHARED', REPO.parent / 'shared')).resolve()
     if not path.is_dir():
-        msg = f'shared data folder {path} not found (set TIMM_DROPFIX_SHARED)'
-        if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        _fail_in_ci_else_skip(f'shared data folder {path} not found (set TIMM_DROPFIX_SHARED)')
     return path
+
+
+@pytest.fixture
+def shared_path(shared_dir: Path):
+    """``shared_path('data', 'cifar10')``: a path below the shared folder, which must exist (same CI rule)."""
+    def get(*parts: str) -> Path:
+        path = shared_dir.joinpath(*parts)
+        if not path.exists():
+            _fail_in_ci_else_skip(f'{path} missing (set TIMM_DROPFIX_SHARED to a complete shared folder)')
+        return path
+    return get
+
+
+def _fail_in_ci_else_skip(msg: str) -> None:
+    if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
+        pytest.fail(msg)
+    pytest.skip(msg)
 
 
 # (breed file stem, species) in the official CLASS_ID order: cats capitalised, dogs lower case

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -20,19 +19,7 @@ import _common  # noqa: E402
 import cifar10  # noqa: E402
 import module_tests  # noqa: E402
 
-SHARED = _common.shared_dir(required=False)
-
-
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def _need_shared(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        if os.environ.get('CI'):
-            pytest.fail(f'{path} missing: CI needs the shared data (set TIMM_DROPFIX_SHARED)')
-        pytest.skip(f'{path} missing (set TIMM_DROPFIX_SHARED)')
-    return path
 
 
 def _check_meta(result: dict, json_path: Path) -> None:
@@ -90,8 +77,8 @@ def test_module_tests_main_figures(tmp_path):
     assert 'Fig. 1' in md and '0.87 / 0.94 / 0.996' in md
 
 
-def test_module_tests_main_real_network_tiny(tmp_path):
-    _need_shared('data', 'pets370')
+def test_module_tests_main_real_network_tiny(tmp_path, shared_path):
+    shared_path('data', 'pets370')
     r = module_tests.main(['--part', 'real', '--model', 'resnet10t', '--num-images', '2', '--img-size', '64',
                            '--num-masks', '2', '--out-dir', str(tmp_path), '--name', 'mtr'])
     _check_meta(r, tmp_path / 'mtr.json')
@@ -132,8 +119,8 @@ def test_milestones_scale_the_paper_schedule():
     assert cifar10.milestones(2) == [1, 2]
 
 
-def test_cifar10_main_tiny(tmp_path):
-    _need_shared('data', 'cifar10', 'cifar10-jpeg.npz')
+def test_cifar10_main_tiny(tmp_path, shared_path):
+    shared_path('data', 'cifar10', 'cifar10-jpeg.npz')
     r = cifar10.main(['--profile', 'cpu-smoke', '--epochs', '2', '--train-subset', '32', '--test-subset', '32',
                       '--seeds', '0', '1', '--variants', 'recommended+before_pool', '--out-dir', str(tmp_path),
                       '--name', 'c10'])
@@ -158,8 +145,8 @@ def test_cifar10_main_tiny(tmp_path):
     assert (tmp_path / 'c10.png').stat().st_size > 0
 
 
-def test_cifar10_budget_guard_and_calibration(tmp_path):
-    _need_shared('data', 'cifar10', 'cifar10-jpeg.npz')
+def test_cifar10_budget_guard_and_calibration(tmp_path, shared_path):
+    shared_path('data', 'cifar10', 'cifar10-jpeg.npz')
     assert cifar10.epochs_for_budget(0.01, 100, 2, 1e6, 2, 7) == 7       # a huge budget hits the cap
     assert cifar10.epochs_for_budget(0.01, 100, 2, 1e-3, 2, 7) == 2      # a tiny one hits the floor
     assert cifar10.epochs_for_budget(0.01, 100, 2, 11.0, 2, 70) == 5     # 2 runs x 5 epochs x 1.1 s = 11 s

@@ -1,10 +1,7 @@
 """finetune train on bad input (issue section 4): a clear message, exit code 2, and nothing half written."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-
-import pytest
 
 from finetune.__main__ import main
 
