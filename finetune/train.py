@@ -93,7 +93,7 @@ def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict,
         from . import fastdata
         interp = data_config.get('interpolation', 'bilinear')
         interp = interp if interp in ('bilinear', 'bicubic') else 'bilinear'
-        short_side = fastdata.default_short_side(img_size, data_config['crop_pct'])
+        short_side = cfg.cache_short_side or fastdata.default_short_side(img_size, data_config['crop_pct'])
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / 'cache'
         # decode with this process only: accelerate launch already runs one process per device
         infos = [fastdata.build_cache(s, short_side, cache_dir, interpolation=interp, num_workers=0)
@@ -152,6 +152,9 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     model = built.model
     data_config = resolve_data_config({'input_size': (3, cfg.img_size, cfg.img_size)} if cfg.img_size else {},
                                       model=model)
+    if cfg.fast_data and cfg.cache_short_side is not None and cfg.cache_short_side < data_config['input_size'][-1]:
+        raise FinetuneError(f"--cache-short-side {cfg.cache_short_side} is smaller than the {data_config['input_size'][-1]}"
+                            f" px input; give at least the input size, or leave it out for the default")
     signature = dict(model=cfg.model, architecture=built.export_arch, model_args=built.export_args,
                      num_classes=len(split.classes), dropfix=built.dropfix)
     ckpt = None
