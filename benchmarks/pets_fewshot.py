@@ -10,7 +10,8 @@ Profiles (``--profile``):
            other jobs (2.5 min each on average)
     cpu-long  96 px, 10 epochs, 5 folds x 1 seed, variants none and recommended: does a longer budget (where
            the cpu profile's 4-epoch runs were still underfitting) change the verdict?
-    gpu    224 px, 15 epochs, 5 folds x 3 seeds, 7 variants: the setting to run on one GPU
+    cpu-160   160 px, 6 epochs (the README main job's budget), 5 folds x 1 seed, none and recommended
+    gpu    224 px, 15 epochs, 5 folds x 3 seeds, 8 variants: the setting to run on one GPU (not run yet)
     smoke  48 px, 1 epoch, 2 folds x 1 seed, 2 variants: proves the script (not evidence)
 
 Example:
@@ -38,6 +39,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                           'branch_before_last_conv', 'branch_after_add', 'branch_start']),
     # the budget question: the cpu profile's size and recipe, 2.5x the epochs, the two variants that matter most
     'cpu-long': dict(img_size=96, epochs=10, folds=5, seeds=[0], batch_size=32, variants=['none', 'recommended']),
+    # the budget of the README's main job (160 px, 6 epochs), none vs recommended
+    'cpu-160': dict(img_size=160, epochs=6, folds=5, seeds=[0], batch_size=32, variants=['none', 'recommended']),
     'smoke': dict(img_size=48, epochs=1, folds=2, seeds=[0], batch_size=16, variants=['none', 'recommended']),
 }
 BASELINE = 'none'

@@ -506,8 +506,9 @@ class BatchAugment(nn.Module):
         img_size: output side.
         mean, std: per-channel normalization in [0, 1] units (e.g. ``model.pretrained_cfg['mean']``).
         train: random crops and flips if True, else timm's center crop.
-        scale, ratio: RandomResizedCrop area fraction (of each image's own ``h x w``) and aspect-ratio range; the sampling follows timm's ``RandomResizedCropAndInterpolation.get_params``
-            (10 attempts, then the central crop).
+        scale, ratio: RandomResizedCrop area fraction (of each image's own ``h x w``) and aspect-ratio range;
+            the sampling follows timm's ``RandomResizedCropAndInterpolation.get_params`` (10 attempts, then the
+            central crop).
         hflip: probability of a horizontal flip.
         crop_pct: eval crop fraction, as in timm's eval transform.
         channels_last: return the batch in channels_last memory format.

@@ -152,9 +152,10 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     model = built.model
     data_config = resolve_data_config({'input_size': (3, cfg.img_size, cfg.img_size)} if cfg.img_size else {},
                                       model=model)
-    if cfg.fast_data and cfg.cache_short_side is not None and cfg.cache_short_side < data_config['input_size'][-1]:
-        raise FinetuneError(f"--cache-short-side {cfg.cache_short_side} is smaller than the {data_config['input_size'][-1]}"
-                            f" px input; give at least the input size, or leave it out for the default")
+    input_px = data_config['input_size'][-1]
+    if cfg.fast_data and cfg.cache_short_side is not None and cfg.cache_short_side < input_px:
+        raise FinetuneError(f'--cache-short-side {cfg.cache_short_side} is smaller than the {input_px} px input; '
+                            'give at least the input size, or leave it out for the default')
     signature = dict(model=cfg.model, architecture=built.export_arch, model_args=built.export_args,
                      num_classes=len(split.classes), dropfix=built.dropfix)
     ckpt = None
