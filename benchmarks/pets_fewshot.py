@@ -48,7 +48,7 @@ BASELINE = 'none'
 # does not silently change what a committed result measured
 RECIPE = dict(optimizer='adamw', lr=1e-3, backbone_lr_mult=0.1, weight_decay=0.05, warmup_epochs=1.0,
               min_lr_ratio=0.01, label_smoothing=0.1, rrc_scale_min=0.35, mixed_precision='no',
-              freeze_bn_stats=False, fast_data=True)
+              freeze_bn_stats=False, fast_data=True, color_jitter=0.0)
 
 
 def make_folds(data_dir: str | Path, work_dir: str | Path, folds: int) -> list[Path]:

@@ -24,7 +24,7 @@ EVAL_METRICS = 'eval_metrics.json'
 _RECIPE_KEYS = ('model', 'pretrained', 'pretrained_file', 'v1_strides', 'rewrite', 'optimizer', 'lr',
                 'backbone_lr_mult', 'weight_decay', 'warmup_epochs', 'min_lr_ratio', 'label_smoothing',
                 'freeze_bn_stats', 'epochs', 'batch_size', 'grad_accum', 'mixed_precision', 'img_size',
-                'rrc_scale_min', 'seed', 'fast_data', 'drop_rate')
+                'rrc_scale_min', 'color_jitter', 'seed', 'fast_data', 'drop_rate')
 
 
 def _fmt(v: Any) -> str:

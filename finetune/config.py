@@ -69,6 +69,7 @@ class TrainConfig:
     channels_last: bool = True           # on GPUs only (slower on CPU)
     img_size: int | None = None
     rrc_scale_min: float = 0.35           # RandomResizedCrop lower area bound; timm's 0.08 is harsh for few-shot
+    color_jitter: float = 0.4             # brightness/contrast/saturation jitter, timm's train-transform default
     seed: int = 0
     # output
     output_dir: str = 'runs/finetune'
@@ -155,6 +156,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--no-channels-last', dest='channels_last', action='store_false')
     g.add_argument('--img-size', type=int, default=None)
     g.add_argument('--rrc-scale-min', type=float, default=d.rrc_scale_min)
+    g.add_argument('--color-jitter', type=float, default=d.color_jitter,
+                   help='brightness/contrast/saturation jitter strength, both data paths (0 = off)')
     g.add_argument('--seed', type=int, default=d.seed)
     g = p.add_argument_group('output')
     g.add_argument('--output-dir', default=d.output_dir)

@@ -168,9 +168,16 @@ def load_samples(dataset: str, data_dir: str, download: bool = False, limit_trai
     return SplitData(train, evals, classes, len(bad_t) + len(bad_e), bad_t + bad_e)
 
 
-def build_transforms(data_config: dict, rrc_scale_min: float = 0.35) -> tuple[Callable, Callable]:
-    """timm train/eval transforms for a resolved data config (``timm.data.resolve_data_config``)."""
+def build_transforms(data_config: dict, rrc_scale_min: float = 0.35,
+                     color_jitter: float = 0.4) -> tuple[Callable, Callable]:
+    """timm train/eval transforms for a resolved data config (``timm.data.resolve_data_config``).
+
+    Example::
+
+        >>> train_tf, eval_tf = build_transforms(timm.data.resolve_data_config({}, model=model))  # doctest: +SKIP
+    """
     from timm.data import create_transform
-    train_tf = create_transform(**data_config, is_training=True, scale=(rrc_scale_min, 1.0))
+    train_tf = create_transform(**data_config, is_training=True, scale=(rrc_scale_min, 1.0),
+                                color_jitter=color_jitter)
     eval_tf = create_transform(**data_config, is_training=False)
     return train_tf, eval_tf

@@ -510,6 +510,9 @@ class BatchAugment(nn.Module):
             the sampling follows timm's ``RandomResizedCropAndInterpolation.get_params`` (10 attempts, then the
             central crop).
         hflip: probability of a horizontal flip.
+        color_jitter: brightness, contrast and saturation factors drawn from ``[1 - cj, 1 + cj]`` and applied in
+            a random order per image after the crop, as torchvision's ``ColorJitter(cj, cj, cj)`` in timm's train
+            transform (its default there is 0.4); 0 turns it off.
         crop_pct: eval crop fraction, as in timm's eval transform.
         channels_last: return the batch in channels_last memory format.
 
@@ -545,12 +548,15 @@ class BatchAugment(nn.Module):
             scale: tuple[float, float] = (0.08, 1.0),
             ratio: tuple[float, float] = (3 / 4, 4 / 3),
             hflip: float = 0.5,
+            color_jitter: float = 0.0,
             crop_pct: float = 0.875,
             channels_last: bool = False,
     ):
         super().__init__()
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f'mean and std need 3 values (RGB), got {mean!r} and {std!r}')
+        if not 0.0 <= color_jitter:
+            raise ValueError(f'color_jitter must be >= 0 (0 = off), got {color_jitter}')
         if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f'need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}')
         self.img_size = int(img_size)
@@ -558,6 +564,7 @@ class BatchAugment(nn.Module):
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.hflip = float(hflip)
+        self.color_jitter = float(color_jitter)
         self.crop_pct = float(crop_pct)
         self.channels_last = channels_last
         std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -568,7 +575,7 @@ class BatchAugment(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'img_size={self.img_size}, train={self.train_mode}, scale={self.scale}, ratio={self.ratio}, '
-                f'hflip={self.hflip}, crop_pct={self.crop_pct}')
+                f'hflip={self.hflip}, color_jitter={self.color_jitter}, crop_pct={self.crop_pct}')
 
     def sample_boxes(self, batch: int, height: int | torch.Tensor, width: int | torch.Tensor,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -645,8 +652,49 @@ class BatchAugment(nn.Module):
             boxes = self.sample_boxes(b, sizes[:, 0], sizes[:, 1], generator)
         flip = torch.rand(b, generator=generator) < self.hflip if self.hflip > 0 else torch.zeros(b, dtype=torch.bool)
         if x.device.type == 'cpu' and x.dtype == torch.uint8:
-            return self._crops_uint8_cpu(x, boxes, flip)
-        return self._crops_grid(x, boxes, flip)
+            out = self._crops_uint8_cpu(x, boxes, flip)
+        else:
+            out = self._crops_grid(x, boxes, flip)
+        if self.color_jitter > 0:
+            out = self.jitter(out, generator)
+        return out
+
+    def jitter(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """torchvision's ColorJitter(brightness, contrast, saturation) for a whole batch, one draw per image.
+
+        Each image gets its own three factors in ``[1 - cj, 1 + cj]`` and its own order of the three operations;
+        each operation blends with the same "degenerate" image as torchvision and PIL (black, the mean grey
+        level, the grey image) and clips to 0..255. A uint8 batch goes back to uint8 after each operation (truncated,
+        as PIL's enhancers do); a float batch (0..255) stays float and is modified in place.
+
+        Example::
+
+            >>> aug = BatchAugment(8, (0.5,) * 3, (0.5,) * 3, train=True, color_jitter=0.4)
+            >>> aug.jitter(torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)).dtype
+            torch.uint8
+        """
+        b = x.shape[0]
+        lo, hi = max(0.0, 1.0 - self.color_jitter), 1.0 + self.color_jitter
+        factors = (lo + (hi - lo) * torch.rand(b, 3, generator=generator, dtype=torch.float64)).float()
+        order = torch.argsort(torch.rand(b, 3, generator=generator), dim=1)  # a random permutation per image
+        is_uint8 = x.dtype == torch.uint8
+        out = x.float() if is_uint8 else x
+        gray_w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)  # ITU-R 601-2, as PIL's 'L'
+        for slot in range(3):
+            op = order[:, slot].to(x.device)  # 0 brightness, 1 contrast, 2 saturation
+            f = factors.to(x.device).gather(1, op[:, None]).view(b, 1, 1, 1)
+            gray = (out * gray_w).sum(1, keepdim=True)
+            if is_uint8:
+                gray = gray.round_()  # PIL's convert('L') is uint8
+            mean = gray.mean((2, 3), keepdim=True)
+            if is_uint8:
+                mean = mean.round_()  # PIL's contrast uses the rounded mean grey level
+            op = op.view(b, 1, 1, 1)
+            degenerate = torch.where(op == 2, gray, torch.where(op == 1, mean, torch.zeros_like(mean)))
+            out = out.mul_(f).add_(degenerate * (1.0 - f)).clamp_(0.0, 255.0)
+            if is_uint8:
+                out = out.floor_()  # PIL's Image.blend truncates to uint8
+        return out.to(torch.uint8) if is_uint8 else out
 
     def normalize(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """0..255 values -> float32 ``(x / 255 - mean) / std``, in the requested memory format.

@@ -102,11 +102,12 @@ def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict,
         skipped = [p for i in infos for p in i.skipped]
         mean, std = data_config['mean'], data_config['std']
         train_aug = fastdata.BatchAugment(img_size, mean, std, train=True, scale=(cfg.rrc_scale_min, 1.0),
+                                          color_jitter=cfg.color_jitter,
                                           crop_pct=data_config['crop_pct'], channels_last=channels_last)
         eval_aug = fastdata.BatchAugment(img_size, mean, std, train=False, crop_pct=data_config['crop_pct'],
                                          channels_last=channels_last)
     else:
-        train_tf, eval_tf = data_lib.build_transforms(data_config, cfg.rrc_scale_min)
+        train_tf, eval_tf = data_lib.build_transforms(data_config, cfg.rrc_scale_min, cfg.color_jitter)
         train_ds = data_lib.ImageListDataset(split.train, train_tf)
         eval_ds = data_lib.ImageListDataset(split.eval, eval_tf)
         train_aug = eval_aug = None
@@ -152,6 +153,8 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     model = built.model
     data_config = resolve_data_config({'input_size': (3, cfg.img_size, cfg.img_size)} if cfg.img_size else {},
                                       model=model)
+    if cfg.color_jitter < 0:
+        raise FinetuneError(f'--color-jitter {cfg.color_jitter}: the jitter strength must be >= 0 (0 turns it off)')
     input_px = data_config['input_size'][-1]
     if cfg.fast_data and cfg.cache_short_side is not None and cfg.cache_short_side < input_px:
         raise FinetuneError(f'--cache-short-side {cfg.cache_short_side} is smaller than the {input_px} px input; '

@@ -323,3 +323,36 @@ def test_cache_from_another_version_is_refused_with_advice(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match='call build_cache'):
         CachedDataset(info.path)
+
+
+def test_color_jitter_matches_torchvision_on_pil_images():
+    """Same factors and order as the batch drew: PIL's enhancers (torchvision's ColorJitter ops) give the same
+    pixels within rounding; factor 1 everywhere is the identity; the range comes from color_jitter."""
+    import torchvision.transforms.functional as TF
+    torch.manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(6, 3, 6, 6) * 255, size=24, mode='bicubic',
+                                        align_corners=False).clamp(0, 255).round().to(torch.uint8)
+    aug = BatchAugment(24, MEAN, STD, train=True, color_jitter=0.4)
+    out = aug.jitter(x, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # replay the draws: factors, then the per-image order
+    factors = 0.6 + 0.8 * torch.rand(6, 3, generator=g, dtype=torch.float64)
+    order = torch.argsort(torch.rand(6, 3, generator=g), dim=1)
+    assert ((factors >= 0.6) & (factors <= 1.4)).all() and not torch.equal(out, x)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for k in range(6):
+        img = TF.to_pil_image(x[k])
+        for op in order[k].tolist():
+            img = ops[op](img, float(factors[k, op]))
+        ref = TF.pil_to_tensor(img)
+        diff = (out[k].int() - ref.int()).abs()
+        assert diff.max() <= 2 and diff.float().mean() < 0.5, (k, diff.max(), diff.float().mean())
+    still = BatchAugment(24, MEAN, STD, train=True, color_jitter=1e-9).jitter(x)
+    assert torch.equal(still, x)
+    with pytest.raises(ValueError, match='color_jitter'):
+        BatchAugment(24, MEAN, STD, train=True, color_jitter=-0.1)
+    # in the whole train transform it runs after the crop, on both routes
+    crops = BatchAugment(16, mean=(0, 0, 0), std=(1 / 255,) * 3, train=True, color_jitter=0.4)
+    a = crops(x, generator=torch.Generator().manual_seed(1))
+    b = crops(x.float(), generator=torch.Generator().manual_seed(1))
+    plain = BatchAugment(16, mean=(0, 0, 0), std=(1 / 255,) * 3, train=True)(x, generator=torch.Generator().manual_seed(1))
+    assert (a - b).abs().mean() < 2.0 and (a - plain).abs().mean() > 5.0

@@ -36,6 +36,12 @@ def test_cache_smaller_than_input(tiny_pets, tmp_path, capsys):
     assert not (tmp_path / 'out').exists()
 
 
+def test_negative_color_jitter(tiny_pets, tmp_path, capsys):
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--color-jitter', '-0.2'))
+    assert code == 2 and '--color-jitter -0.2' in err and '>= 0' in err
+    assert not (tmp_path / 'out').exists()
+
+
 def test_rewrite_unsupported_model(tiny_pets, tmp_path, capsys):
     args = tiny_args(tiny_pets, tmp_path / 'out', '--rewrite')
     args[args.index('resnet18')] = 'mobilenetv3_small_050'
