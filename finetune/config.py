@@ -37,8 +37,8 @@ class TrainConfig:
     # timm's per-image PIL transforms instead (same crops and accuracy on pets370, see the README's main-job table)
     fast_data: bool = True
     cache_dir: str | None = None          # where the fast-data cache goes (default: OUT/cache)
-    # short side of the cached images; default floor(img_size / crop_pct), which makes eval exactly timm's. Larger
-    # values keep small train crops sharp (they are shrunk, not enlarged) at the cost of cache size
+    # short side of the cached training images; default 1.5 x img_size, so that crops are shrunk (sharp), not
+    # enlarged. Eval images are always cached at img_size / crop_pct, which makes eval exactly timm's transform
     cache_short_side: int | None = None
     workers: int = 0
     # model
@@ -122,7 +122,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         'per-image PIL transforms, decoding every image in every epoch')
     g.add_argument('--cache-dir', default=None)
     g.add_argument('--cache-short-side', type=int, default=None, metavar='PX',
-                   help='short side of the fast-data cache (default: img_size / crop_pct, eval identical to timm)')
+                   help='short side of the cached training images (default 1.5 x img_size); eval images are '
+                        'cached at img_size / crop_pct, identical to timm\'s eval transform')
     g.add_argument('--workers', type=int, default=d.workers)
     g = p.add_argument_group('model')
     g.add_argument('--model', default=d.model, help='any timm model name, including the *_dropfix variants')

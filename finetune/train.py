@@ -93,19 +93,22 @@ def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict,
         from . import fastdata
         interp = data_config.get('interpolation', 'bilinear')
         interp = interp if interp in ('bilinear', 'bicubic') else 'bilinear'
-        short_side = cfg.cache_short_side or fastdata.default_short_side(img_size, data_config['crop_pct'])
+        # train images are cached larger than eval ones, so that crops are shrunk (sharp) rather than enlarged;
+        # the eval cache size makes eval exactly timm's transform
+        train_side = cfg.cache_short_side or fastdata.default_train_short_side(img_size)
+        eval_side = fastdata.default_short_side(img_size, data_config['crop_pct'])
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / 'cache'
         # decode with this process only: accelerate launch already runs one process per device
-        infos = [fastdata.build_cache(s, short_side, cache_dir, interpolation=interp, num_workers=0)
-                 for s in (split.train, split.eval)]
+        infos = [fastdata.build_cache(s, side, cache_dir, interpolation=interp, num_workers=0)
+                 for s, side in ((split.train, train_side), (split.eval, eval_side))]
         train_ds, eval_ds = (fastdata.CachedDataset(i.path) for i in infos)
         skipped = [p for i in infos for p in i.skipped]
         mean, std = data_config['mean'], data_config['std']
         train_aug = fastdata.BatchAugment(img_size, mean, std, train=True, scale=(cfg.rrc_scale_min, 1.0),
-                                          color_jitter=cfg.color_jitter,
+                                          color_jitter=cfg.color_jitter, interpolation='bicubic',
                                           crop_pct=data_config['crop_pct'], channels_last=channels_last)
         eval_aug = fastdata.BatchAugment(img_size, mean, std, train=False, crop_pct=data_config['crop_pct'],
-                                         channels_last=channels_last)
+                                         interpolation=interp, channels_last=channels_last)
     else:
         train_tf, eval_tf = data_lib.build_transforms(data_config, cfg.rrc_scale_min, cfg.color_jitter)
         train_ds = data_lib.ImageListDataset(split.train, train_tf)
