@@ -21,9 +21,11 @@ The crop box is sampled exactly as timm's ``RandomResizedCropAndInterpolation`` 
 (area and aspect ratio relative to its ``h x w``), so every part of the photo can be seen. Two differences
 remain:
 
-* the image is resampled twice (once to ``S`` when caching, once by the crop), which softens crops that are
-  upsampled. Keeping ``S`` a little above the training size (``S = floor(img_size / crop_pct)``, 256 for
-  224) keeps that small;
+* the image is resampled twice (once to ``S`` when caching, once by the crop), which softens the crops.
+  ``finetune train`` caches training images at ``S = 1.5 * img_size`` (:func:`default_train_short_side`), so
+  most crops are shrunk rather than enlarged, and resizes crops with bicubic filtering: on pets370 at 160 px
+  the mean absolute horizontal pixel difference of its crops (64 images x 2) is 0.117 (normalized units), 0.115 for
+  timm's PIL crops (0.097 with a 182 px cache and bilinear crops);
 * a long side beyond ``max_aspect`` times the short side (2 by default; panoramas, not pets) is center
   cropped at cache time, to bound the file size.
 
