@@ -6,10 +6,9 @@ In one run on one machine, with repeats:
     each JPEG with PIL and runs ``RandomResizedCrop`` + ``ToTensor`` every epoch, a default ``DataLoader``
     (``shuffle=True``, no pinned memory, workers restarted each epoch), normalization on the device, fp32, NCHW.
     (cv_example freezes the backbone; here both paths train every layer, so the model work is the same.)
-(b) **toolkit** (``finetune/fastdata.py``): decode-once uint8 cache of whole images at ``finetune train``'s
-    training size (1.5x the input side), ``BatchAugment`` with bicubic crops (on the GPU; on CPU the
-    crops run in the loader workers and normalization in the training process), pinned memory and persistent
-    workers, channels_last, bf16 autocast where it is fast (CUDA with bf16, or a CPU with AMX).
+(b) **toolkit** (``finetune/fastdata.py``): decode-once uint8 cache of whole images, ``BatchAugment`` (on the
+    GPU; on CPU the crops run in the loader workers and normalization in the training process), pinned memory
+    and persistent workers, channels_last, bf16 autocast where it is fast (CUDA with bf16, or a CPU with AMX).
 
 Measured: images/s of the loader alone (model-ready normalized float batches on the device, augmentation
 included), images/s of whole training steps (loader + forward + backward + optimizer), epoch wall time, peak
@@ -130,8 +129,8 @@ def toolkit_loader(cache_path: Path, img_size: int, batch: int, workers: int, ep
     """Cached loader; returns (loader, what the training process applies to each (images, sizes) batch on the
     device)."""
     from finetune.fastdata import BatchAugment, CachedDataset, make_fast_loader
-    # finetune train's crops (bicubic); no colour jitter, as the baseline has none
-    aug = BatchAugment(img_size, MEAN, STD, train=True, scale=RRC_SCALE, interpolation='bicubic')
+    # no colour jitter, as the baseline has none; the step makes the batch channels_last
+    aug = BatchAugment(img_size, MEAN, STD, train=True, scale=RRC_SCALE)
     ds = CachedDataset(cache_path)
     if epoch_images != len(ds):
         ds = _Resampled(ds, epoch_images)
@@ -448,13 +447,13 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int]) -> dict[
                                    'fp32_no_tf32': matmul_tflops(device, torch.float32)}
         print(f"matmul TFLOP/s: {result['matmul_tflops']}", flush=True)
 
-    from finetune.fastdata import build_cache, default_train_short_side
+    from finetune.fastdata import build_cache, default_short_side
     cache_dir = Path(tempfile.mkdtemp(prefix='throughput-cache-'))
     try:
         per_size = []
         probes: list[tuple[dict, str, dict]] = []  # (where to store, key, child config) for CPU memory probes
         for size, batch in prof['sizes']:
-            short = default_train_short_side(size)  # what finetune train caches its training images at
+            short = default_short_side(size)  # what finetune train caches its images at (crop_pct 0.875)
             info = build_cache(samples, short, cache_dir)  # timed: a cold build in a fresh folder
             entry: dict[str, Any] = {'img_size': size, 'batch': batch, 'cache_short_side': short,
                                      'cache_build_s': info.build_seconds, 'cache_images': info.n_images,

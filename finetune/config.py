@@ -38,8 +38,8 @@ class TrainConfig:
     # timm's per-image PIL transforms in 15 runs (README, main-job table), for a reason not found yet
     fast_data: bool = False
     cache_dir: str | None = None          # where the fast-data cache goes (default: OUT/cache)
-    # short side of the cached training images; default 1.5 x img_size, so that crops are shrunk (sharp), not
-    # enlarged. Eval images are always cached at img_size / crop_pct, which makes eval exactly timm's transform
+    # short side of the cached training images; default img_size / crop_pct, as the eval images (which makes eval
+    # exactly timm's transform). Larger values shrink more crops instead of enlarging them (sharper, slower)
     cache_short_side: int | None = None
     workers: int = 0
     # model
@@ -123,8 +123,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         'pets370, see README); --no-fast-data (default): timm\'s per-image PIL transforms')
     g.add_argument('--cache-dir', default=None)
     g.add_argument('--cache-short-side', type=int, default=None, metavar='PX',
-                   help='short side of the cached training images (default 1.5 x img_size); eval images are '
-                        'cached at img_size / crop_pct, identical to timm\'s eval transform')
+                   help='short side of the cached training images (default img_size / crop_pct); eval images are '
+                        'always cached at img_size / crop_pct, identical to timm\'s eval transform')
     g.add_argument('--workers', type=int, default=d.workers)
     g = p.add_argument_group('model')
     g.add_argument('--model', default=d.model, help='any timm model name, including the *_dropfix variants')

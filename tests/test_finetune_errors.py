@@ -31,7 +31,7 @@ def test_unknown_model(tiny_pets, tmp_path, capsys):
 
 
 def test_cache_smaller_than_input(tiny_pets, tmp_path, capsys):
-    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--cache-short-side', '24'))
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--fast-data', '--cache-short-side', '24'))
     assert code == 2 and '--cache-short-side 24' in err and 'at least the input size' in err
     assert not (tmp_path / 'out').exists()
 
