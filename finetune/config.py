@@ -34,7 +34,7 @@ class TrainConfig:
     limit_train: int | None = None        # use only N training images (quick checks / CI), spread over classes
     limit_eval: int | None = None
     # decode-once uint8 cache of whole images + batched augmentation (finetune/fastdata.py). Off by default: on
-    # pets370 (ResNet-50, 160 px, 6 epochs) it trains about 2x faster on CPU but scored 3-4 points lower top-1 than
+    # pets370 (ResNet-50, 160 px, 6 epochs) it trains about 2x faster on CPU but scored 2-4 points lower top-1 than
     # timm's per-image PIL transforms in 15 runs (README, main-job table), for a reason not found yet
     fast_data: bool = False
     cache_dir: str | None = None          # where the fast-data cache goes (default: OUT/cache)
@@ -119,7 +119,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--limit-train', type=int, default=None, metavar='N')
     g.add_argument('--limit-eval', type=int, default=None, metavar='N')
     g.add_argument('--fast-data', dest='fast_data', action=argparse.BooleanOptionalAction, default=d.fast_data,
-                   help='decode-once uint8 cache + batched augmentation (faster, but 3-4 points lower top-1 on '
+                   help='decode-once uint8 cache + batched augmentation (faster, but 2-4 points lower top-1 on '
                         'pets370, see README); --no-fast-data (default): timm\'s per-image PIL transforms')
     g.add_argument('--cache-dir', default=None)
     g.add_argument('--cache-short-side', type=int, default=None, metavar='PX',
