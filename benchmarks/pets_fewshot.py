@@ -45,7 +45,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 BASELINE = 'none'
 # the recipe is written out, not taken from TrainConfig's defaults, so that tuning the toolkit's defaults later
-# does not silently change what a committed result measured
+# does not silently change what a committed result measured. fast_data: the committed cpu and cpu-long runs used
+# the cache of that time (centre square of each image), cpu-160 the whole-image cache (commit 135d41f)
 RECIPE = dict(optimizer='adamw', lr=1e-3, backbone_lr_mult=0.1, weight_decay=0.05, warmup_epochs=1.0,
               min_lr_ratio=0.01, label_smoothing=0.1, rrc_scale_min=0.35, mixed_precision='no',
               freeze_bn_stats=False, fast_data=True, color_jitter=0.0)
