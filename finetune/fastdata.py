@@ -513,8 +513,8 @@ class BatchAugment(nn.Module):
             central crop).
         hflip: probability of a horizontal flip.
         interpolation: ``'bilinear'`` or ``'bicubic'``, for resizing crops (antialiased on CPU). Each crop is
-            resampled a second time (the cache was the first), which blurs; bicubic keeps train crops about as
-            sharp as timm's single PIL resize of the original (what the toolkit uses for training).
+            resampled a second time (the cache was the first), which blurs; bicubic keeps crops sharper, closer
+            to timm's single PIL resize of the original file (see the module doc).
         color_jitter: brightness, contrast and saturation factors drawn from ``[1 - cj, 1 + cj]`` and applied in
             a random order per image after the crop, as torchvision's ``ColorJitter(cj, cj, cj)`` in timm's train
             transform (its default there is 0.4); 0 turns it off.
