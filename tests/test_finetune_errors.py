@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from finetune.__main__ import main
 
 
@@ -30,15 +32,13 @@ def test_unknown_model(tiny_pets, tmp_path, capsys):
     assert not (tmp_path / 'out').exists()
 
 
-def test_cache_smaller_than_input(tiny_pets, tmp_path, capsys):
-    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--fast-data', '--cache-short-side', '24'))
-    assert code == 2 and '--cache-short-side 24' in err and 'at least the input size' in err
-    assert not (tmp_path / 'out').exists()
-
-
-def test_negative_color_jitter(tiny_pets, tmp_path, capsys):
-    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--color-jitter', '-0.2'))
-    assert code == 2 and '--color-jitter -0.2' in err and '>= 0' in err
+@pytest.mark.parametrize('extra, says', [
+    (('--fast-data', '--cache-short-side', '24'), ('--cache-short-side 24', 'at least the input size')),
+    (('--color-jitter', '-0.2'), ('--color-jitter -0.2', '>= 0')),
+], ids=['cache_smaller_than_input', 'negative_color_jitter'])
+def test_bad_data_option(tiny_pets, tmp_path, capsys, extra, says):
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', *extra))
+    assert code == 2 and all(s in err for s in says)
     assert not (tmp_path / 'out').exists()
 
 
