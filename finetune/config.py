@@ -35,7 +35,7 @@ class TrainConfig:
     limit_eval: int | None = None
     # decode-once uint8 cache of whole images + batched augmentation (finetune/fastdata.py). Off by default: on
     # pets370 (ResNet-50, 160 px, 6 epochs) it trains about 2x faster on CPU but scored 2-4 points lower top-1 than
-    # timm's per-image PIL transforms in 15 runs (README, main-job table), for a reason not found yet
+    # timm's per-image PIL transforms in 18 runs (README, main-job table), for a reason not found yet
     fast_data: bool = False
     cache_dir: str | None = None          # where the fast-data cache goes (default: OUT/cache)
     # short side of the cached training images; default img_size / crop_pct, as the eval images (which makes eval
