@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ from typing import Any, Sequence
 from .checkpoint import write_text_atomic
 from .config import TrainConfig
 from .errors import FinetuneError
-from .stats import mean_std, student_t_ppf
+from .stats import mean_std, paired_t_interval
 
 _NO_DROP = dict(rewrite=False, drop_rate=0.0)
 _BRANCH = 0.1  # rates of the paper's fine-tuning experiments (paper.md)
@@ -62,12 +61,8 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any
         (0.15, 2)
     """
     seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds]
-    if not diffs:
-        return dict(n=0, seeds=[], diffs=[], mean=math.nan, std=math.nan, ci95=[math.nan, math.nan])
-    m, sd = mean_std(diffs)
-    half = student_t_ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    return dict(n=len(diffs), seeds=seeds, diffs=diffs, mean=m, std=sd, ci95=[m - half, m + half])
+    r = paired_t_interval([a[s] for s in seeds], [b[s] for s in seeds], confidence=0.95)
+    return dict(n=r['n'], seeds=seeds, diffs=r['diffs'], mean=r['mean'], std=r['std'], ci95=[r['ci_low'], r['ci_high']])
 
 
 def summarize_runs(runs: dict[str, dict[int, dict]], baseline: str, descriptions: dict[str, str],

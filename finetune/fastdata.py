@@ -685,14 +685,14 @@ class BatchAugment(nn.Module):
         """
         b = x.shape[0]
         lo, hi = max(0.0, 1.0 - self.color_jitter), 1.0 + self.color_jitter
-        factors = (lo + (hi - lo) * torch.rand(b, 3, generator=generator, dtype=torch.float64)).float()
-        order = torch.argsort(torch.rand(b, 3, generator=generator), dim=1)  # a random permutation per image
+        factors = (lo + (hi - lo) * torch.rand(b, 3, generator=generator, dtype=torch.float64)).float().to(x.device)
+        order = torch.argsort(torch.rand(b, 3, generator=generator), dim=1).to(x.device)  # a permutation per image
         is_uint8 = x.dtype == torch.uint8
         out = x.float() if is_uint8 else x
         gray_w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)  # ITU-R 601-2, as PIL's 'L'
         for slot in range(3):
-            op = order[:, slot].to(x.device)  # 0 brightness, 1 contrast, 2 saturation
-            f = factors.to(x.device).gather(1, op[:, None]).view(b, 1, 1, 1)
+            op = order[:, slot]  # 0 brightness, 1 contrast, 2 saturation
+            f = factors.gather(1, op[:, None]).view(b, 1, 1, 1)
             gray = (out * gray_w).sum(1, keepdim=True)
             if is_uint8:
                 gray = gray.round_()  # PIL's convert('L') is uint8

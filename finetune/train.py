@@ -109,15 +109,14 @@ def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict,
                                           crop_pct=data_config['crop_pct'], channels_last=channels_last)
         eval_aug = fastdata.BatchAugment(img_size, mean, std, train=False, crop_pct=data_config['crop_pct'],
                                          interpolation=interp, channels_last=channels_last)
+        collate = fastdata.collate_padded  # cached images keep their aspect ratio: padded batches with sizes
     else:
         train_tf, eval_tf = data_lib.build_transforms(data_config, cfg.rrc_scale_min, cfg.color_jitter)
         train_ds = data_lib.ImageListDataset(split.train, train_tf)
         eval_ds = data_lib.ImageListDataset(split.eval, eval_tf)
-        train_aug = eval_aug = None
+        train_aug = eval_aug = collate = None
         skipped = []  # already left out by load_samples' check
-    loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
-    if cfg.fast_data:  # cached images keep their aspect ratio: batches are padded and carry each image's size
-        loader_kw['collate_fn'] = fastdata.collate_padded
+    loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0, collate_fn=collate)
     # drop_last: every step sees a full batch (BatchNorm with a batch of 1 fails, and steps stay comparable)
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                                **loader_kw)
