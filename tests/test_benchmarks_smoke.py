@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 import _common  # noqa: E402
 import cifar10  # noqa: E402
+import data_paths  # noqa: E402
 import module_tests  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -159,3 +160,26 @@ def test_cifar10_budget_guard_and_calibration(tmp_path, shared_path):
     assert r['incomplete'] and len(r['runs']) == 1 and r['not_run'] == ['preresnet20_cifar/head:before_pool/seed0']
     assert r['runs'][0]['epochs'] == cifar10.PROFILES['gpu']['min_epochs'] and not r['settings']['amp_bf16']
     assert 'incomplete' in (tmp_path / 'c10b.md').read_text()
+
+
+def test_data_paths_smoke_pairs_the_arms_and_skips_finished_runs(tmp_path, shared_path):
+    shared_path('data', 'pets370')
+    shared_path('weights', 'resnet50_keras_in1k')
+    out = tmp_path / 'dp'
+    argv = ['--profile', 'smoke', '--jobs', '2', '--work-dir', str(tmp_path / 'work'), '--out', str(out)]
+    assert data_paths.main(argv) == 0
+    r = json.loads(out.with_suffix('.json').read_text())
+    _check_meta(r, out.with_suffix('.json'))
+    assert r['meta']['label'].startswith('smoke') and r['baseline'] == 'pil'
+    assert set(r['variants']) == {'pil', 'fast'} and r['comparisons']['fast']['n'] == 1
+    cfgs = {arm: json.loads((tmp_path / 'work' / arm / 'seed_0' / 'config.json').read_text()) for arm in ('pil', 'fast')}
+    assert cfgs['pil']['fast_data'] is False and cfgs['fast']['fast_data'] is True
+    # the arms differ in the data path only
+    assert {k for k in cfgs['pil'] if cfgs['pil'][k] != cfgs['fast'][k]} == {'fast_data', 'output_dir'}
+    pil = r['variants']['pil']['seeds']['0']['top1']
+    assert r['comparisons']['fast']['top1']['mean'] == pytest.approx(r['variants']['fast']['seeds']['0']['top1'] - pil)
+    assert '| fast |' in out.with_suffix('.md').read_text() and out.with_suffix('.png').stat().st_size > 0
+    # finished runs are not trained again: the second call only reports
+    stamp = (tmp_path / 'work' / 'pil' / 'seed_0' / 'metrics.json').stat().st_mtime_ns
+    assert data_paths.main(argv) == 0
+    assert (tmp_path / 'work' / 'pil' / 'seed_0' / 'metrics.json').stat().st_mtime_ns == stamp

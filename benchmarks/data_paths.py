@@ -1,0 +1,180 @@
+"""Does the fast data path train as well as timm's PIL transforms? The README main job, both paths x seeds.
+
+Every run is ``python -m finetune train`` on ``../shared/data/pets370`` (185 trainval / 185 test) with the ImageNet
+ResNet-50 of ``../shared/weights`` (v1 strides, no dropout: the data path is the question) and the toolkit's recipe;
+the two arms differ only in the data path:
+
+    pil   ``--no-fast-data``: decode every JPEG every epoch, timm's per-image RandomResizedCrop/flip/ColorJitter
+    fast  ``--fast-data``: decode once into the uint8 cache, the same augmentations on whole batches
+
+The same seed gives both arms the same batch order, head initialisation and dropout stream, so the comparison is
+paired by seed (``finetune bench``'s statistics). Runs go to ``runs/data_paths_<profile>/<arm>/seed_<s>``; a
+finished run is never repeated and an interrupted one resumes from its checkpoint, so the script can be stopped and
+started again. ``--jobs N`` trains N runs at once (``--threads`` each): on a 2-core machine 2 x 1 thread finishes
+the grid sooner than one 2-thread run after another.
+
+Profiles (``--profile``):
+    cpu    160 px, 6 epochs, seeds 0-7 (the README main job's budget)
+    smoke  48 px, 1 epoch, 24 training images, seed 0: proves the script (not evidence)
+
+Example:
+    python benchmarks/data_paths.py --profile cpu --jobs 2    # results in benchmarks/results/data_paths_cpu.*
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO_ROOT, command_line, shared_dir, utc_now, write_result  # noqa: E402
+
+PROFILES: dict[str, dict[str, Any]] = {
+    'cpu': dict(img_size=160, epochs=6, seeds=list(range(8)), limit_train=None, limit_eval=None),
+    'smoke': dict(img_size=48, epochs=1, seeds=[0], limit_train=24, limit_eval=16),
+}
+ARMS: dict[str, tuple[bool, str]] = {
+    'pil': (False, "timm's per-image PIL transforms, every JPEG decoded every epoch (--no-fast-data)"),
+    'fast': (True, 'decode-once uint8 cache, batched crops/flips/jitter (--fast-data)'),
+}
+BASELINE = 'pil'
+# written out, not taken from TrainConfig's defaults, so that later changes of the defaults do not silently change
+# what a committed result measured
+RECIPE = dict(optimizer='adamw', lr=1e-3, backbone_lr_mult=0.1, weight_decay=0.05, warmup_epochs=1.0,
+              min_lr_ratio=0.01, label_smoothing=0.1, rrc_scale_min=0.35, color_jitter=0.4, batch_size=16,
+              rewrite=False, drop_rate=0.0, mixed_precision='no', freeze_bn_stats=False, workers=0)
+
+
+def run_config(profile: str, arm: str, seed: int, work_dir: Path, data_dir: Path, weights: Path):
+    """The TrainConfig of one run of the grid."""
+    from finetune.config import TrainConfig
+    p = PROFILES[profile]
+    return TrainConfig(dataset='pets', data_dir=str(data_dir), model='resnet50', pretrained_file=str(weights),
+                       v1_strides=True, img_size=p['img_size'], epochs=p['epochs'], limit_train=p['limit_train'],
+                       limit_eval=p['limit_eval'], fast_data=ARMS[arm][0], seed=seed, log_with='none',
+                       output_dir=str(work_dir / arm / f'seed_{seed}'), cache_dir=str(work_dir / 'cache'), **RECIPE)
+
+
+def _launch(cfg, threads: int) -> subprocess.Popen:
+    """One run in its own process (its own thread count; a crash stays in its own log)."""
+    run_dir = Path(cfg.output_dir)
+    resume = 'auto' if (run_dir / 'checkpoints' / 'LATEST').is_file() else None
+    if resume is None and run_dir.exists():  # died before its first checkpoint: start it again
+        shutil.rmtree(run_dir)
+    cfg = cfg.replace(resume=resume)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    code = ('import sys, torch; torch.set_num_threads(int(sys.argv[1])); from finetune.config import TrainConfig; '
+            'from finetune.train import train; train(TrainConfig.from_json(sys.argv[2]))')
+    log = open(run_dir.parent / f'{run_dir.name}.log', 'a')
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return subprocess.Popen([sys.executable, '-c', code, str(threads), cfg.to_json()], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+
+
+def run_grid(configs: Sequence, jobs: int, threads: int) -> list[str]:
+    """Train every config without a metrics.json, ``jobs`` at a time; returns the output dirs that failed."""
+    todo = [c for c in configs if not (Path(c.output_dir) / 'metrics.json').is_file()]
+    running: list[tuple[Any, subprocess.Popen]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            cfg = todo.pop(0)
+            print(f'data_paths: start {cfg.output_dir}', flush=True)
+            running.append((cfg, _launch(cfg, threads)))
+        time.sleep(2)
+        for cfg, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((cfg, proc))
+                ok = proc.returncode == 0 and (Path(cfg.output_dir) / 'metrics.json').is_file()
+                print(f"data_paths: {'done' if ok else f'FAILED (exit {proc.returncode})'} {cfg.output_dir}",
+                      flush=True)
+                if not ok:
+                    failed.append(cfg.output_dir)
+    return failed
+
+
+def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights: Path,
+        seeds: Sequence[int] | None = None, jobs: int = 1, threads: int = 2, argv: Sequence[str] | None = None,
+        report_only: bool = False) -> dict[str, Any]:
+    """Train the grid (skipping finished runs) and write ``<out_prefix>.json``, ``.md`` and ``.png``."""
+    from finetune.bench import plot_results, results_markdown, summarize_runs
+    p = PROFILES[profile]
+    seeds = list(seeds if seeds is not None else p['seeds'])
+    started, t0 = utc_now(), time.time()
+    # seed-major order: whatever has finished when the grid is stopped early is paired
+    configs = [run_config(profile, arm, s, work_dir, data_dir, weights) for s in seeds for arm in ARMS]
+    failed = [] if report_only else run_grid(configs, jobs, threads)
+    runs: dict[str, dict[int, dict]] = {}
+    for cfg in configs:
+        done = Path(cfg.output_dir) / 'metrics.json'
+        if done.is_file():
+            runs.setdefault('fast' if cfg.fast_data else 'pil', {})[cfg.seed] = json.loads(done.read_text())
+    if BASELINE not in runs:
+        raise SystemExit(f'no finished {BASELINE!r} run under {work_dir}; failed runs: {failed} (see their .log)')
+    base_cfg = configs[0]
+    setup = dict(model='resnet50 (ImageNet weights of shared/weights/resnet50_keras_in1k, v1 strides)',
+                 dataset='pets370 (185 trainval / 185 test)', data_dir=str(data_dir), epochs=p['epochs'],
+                 img_size=p['img_size'], seeds=seeds, pairing='unit = seed', jobs=jobs, threads_per_job=threads,
+                 config={k: v for k, v in base_cfg.to_dict().items() if k not in ('output_dir', 'seed', 'resume')})
+    results = summarize_runs(runs, BASELINE, {k: v[1] for k, v in ARMS.items()}, setup)
+    runs_wall = {arm: sum(m['wall_seconds'] for m in by_seed.values()) for arm, by_seed in runs.items()}
+    results['setup']['sum_of_run_wall_seconds'] = {k: round(v, 1) for k, v in runs_wall.items()}
+    total = len(ARMS) * len(seeds)
+    finished = sum(len(v) for v in runs.values())
+    label = ('smoke: proves the script, not evidence' if profile == 'smoke' else
+             f'partial: {finished} of {total} runs finished' if finished < total else None)
+    command = command_line(argv, 'benchmarks/data_paths.py')
+    wall = sum(runs_wall.values()) if report_only else time.time() - t0
+    written = write_result(out_prefix.with_suffix('.json'), results, command=command, seeds=seeds,
+                           wall_time_s=wall, started_at=started, label=label)
+    meta = written['meta']
+    header = (f"# Fast data path vs timm's PIL transforms ({profile} profile)\n\n"
+              f"{setup['model']}; {setup['dataset']}; {p['epochs']} epochs at {p['img_size']} px, seeds {seeds}; "
+              f"pairs = seeds (same batch order and head initialisation in both arms).\n\n"
+              f"Command: `{meta['command']}`  \n"
+              f"Machine: {meta['machine'].get('processor', '')} ({meta['machine'].get('cpu_count', '?')} cores), "
+              f"torch {meta['machine'].get('torch', '')}; {jobs} run(s) at a time, {threads} thread(s) each  \n"
+              f"Date: {meta['date_utc']}; run wall time in all: "
+              + ', '.join(f'{arm} {s / 60:.1f} min' for arm, s in runs_wall.items()) + '\n'
+              + (f'\n**{label}**\n' if label else '') + '\n')
+    md = results_markdown(results, heading=False, unit='seed')
+    out_prefix.with_suffix('.md').write_text(header + md)
+    plot_results(results, out_prefix.with_suffix('.png'), unit='seed')
+    print(header + md)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--profile', choices=sorted(PROFILES), default='cpu')
+    parser.add_argument('--seeds', type=int, nargs='+', help="override the profile's seeds")
+    parser.add_argument('--jobs', type=int, default=1, help='runs trained at the same time (default 1)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch threads per run (default: the cores divided among the jobs)')
+    parser.add_argument('--work-dir', default=None, help='runs and caches (default runs/data_paths_<profile>)')
+    parser.add_argument('--report-only', action='store_true',
+                        help='summarise the finished runs without training (partial results are labelled)')
+    parser.add_argument('--out', default=None, help='result prefix (default benchmarks/results/data_paths_<profile>)')
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error('--jobs must be >= 1')
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    shared = shared_dir()
+    work = Path(args.work_dir or REPO_ROOT / 'runs' / f'data_paths_{args.profile}')
+    out = Path(args.out or REPO_ROOT / 'benchmarks' / 'results' / f'data_paths_{args.profile}')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run(args.profile, work, out, shared / 'data' / 'pets370', shared / 'weights' / 'resnet50_keras_in1k',
+        args.seeds, args.jobs, threads, argv, report_only=args.report_only)
+    return 0
+
+
+if __name__ == '__main__':
+    os.environ.setdefault('MPLBACKEND', 'Agg')
+    sys.exit(main())
