@@ -53,9 +53,10 @@ def test_build_reuse_and_contents(tmp_path):
     images, labels, sizes = collate_padded(got)
     assert tuple(images.shape) == (4, 3, 26, 26) and sizes.tolist() == [[20, 26], [26, 20], [20, 26], [20, 26]]
     assert labels.tolist() == [samples[i][1] for i in [4, 3, 4, 2]]
-    # the padding repeats the last row / column, so bilinear sampling at a crop's edge never reads black
-    assert torch.equal(images[0, :, 20:, :], images[0, :, 19:20, :].expand(3, 6, 26))
-    assert torch.equal(images[1, :, :, 20:], images[1, :, :, 19:20].expand(3, 26, 6))
+    # the padding repeats the last row / column twice (what sampling at a crop's edge can reach), zeros beyond
+    assert torch.equal(images[0, :, 20:22, :], images[0, :, 19:20, :].expand(3, 2, 26))
+    assert torch.equal(images[1, :, :, 20:22], images[1, :, :, 19:20].expand(3, 26, 2))
+    assert not images[0, :, 22:].any() and not images[1, :, :, 22:].any()
     # any collate path gives the same batch: plain samples (no __getitems__) are padded the same way
     plain = collate_padded([ds[i] for i in [4, 3, 4, 2]])
     assert all(torch.equal(a, b) for a, b in zip(plain, (images, labels, sizes)))
@@ -306,6 +307,16 @@ def test_padded_batches_crop_inside_each_image():
     cpu = aug(images, sizes, generator=torch.Generator().manual_seed(1))
     grid = aug(images.float(), sizes, generator=torch.Generator().manual_seed(1))
     assert (cpu - grid).abs().mean() < 2.0
+    # the padding is invisible: crops of an image in a padded batch equal crops of the image alone (same boxes),
+    # for both routes and resamplers (bicubic reads up to two pixels beyond a crop's edge)
+    alone = samples[1][0][None].repeat(100, 1, 1, 1)
+    padded = images[1:2].repeat(100, 1, 1, 1)
+    for interp in ('bilinear', 'bicubic'):
+        a = BatchAugment(24, mean=(0, 0, 0), std=(1 / 255,) * 3, train=True, scale=(0.01, 0.2), interpolation=interp)
+        for dtype in (torch.uint8, torch.float32):
+            got = a(padded.to(dtype), sizes[1:2].repeat(100, 1), torch.Generator().manual_seed(2))
+            want = a(alone.to(dtype), None, torch.Generator().manual_seed(2))
+            torch.testing.assert_close(got, want, rtol=0, atol=0.01)  # float grid rounding
     ev = BatchAugment(24, mean=(0, 0, 0), std=(1 / 255,) * 3, train=False, crop_pct=0.875)
     out = ev(images, sizes)
     for k, (img, _) in enumerate(samples):
