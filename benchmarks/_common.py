@@ -183,6 +183,20 @@ def write_result(
     return _jsonable(result)
 
 
+def write_bench_report(out_prefix: Path, header: str, results: dict[str, Any], unit: str) -> str:
+    """Write ``<out_prefix>.md`` (``header`` + finetune bench's table) and ``.png``, print the text and return it.
+
+    Example:
+        >>> write_bench_report(Path('benchmarks/results/x'), '# title\n\n', results, unit='seed')  # doctest: +SKIP
+    """
+    from finetune.bench import plot_results, results_markdown
+    text = header + results_markdown(results, heading=False, unit=unit)
+    out_prefix.with_suffix('.md').write_text(text)
+    plot_results(results, out_prefix.with_suffix('.png'), unit=unit)
+    print(text)
+    return text
+
+
 def fmt_pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
     """Format ``mean +- std`` (``scale=100`` for percentages).
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, command_line, shared_dir, utc_now, write_result  # noqa: E402
+from _common import REPO_ROOT, command_line, shared_dir, utc_now, write_bench_report, write_result  # noqa: E402
 
 PROFILES: dict[str, dict[str, Any]] = {
     'cpu': dict(img_size=160, epochs=6, seeds=list(range(8)), limit_train=None, limit_eval=None),
@@ -103,7 +103,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
         seeds: Sequence[int] | None = None, jobs: int = 1, threads: int = 2, argv: Sequence[str] | None = None,
         report_only: bool = False) -> dict[str, Any]:
     """Train the grid (skipping finished runs) and write ``<out_prefix>.json``, ``.md`` and ``.png``."""
-    from finetune.bench import plot_results, results_markdown, summarize_runs
+    from finetune.bench import summarize_runs
     p = PROFILES[profile]
     seeds = list(seeds if seeds is not None else p['seeds'])
     started, t0 = utc_now(), time.time()
@@ -143,10 +143,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
               f"Date: {meta['date_utc']}; run wall time in all: "
               + ', '.join(f'{arm} {s / 60:.1f} min' for arm, s in runs_wall.items()) + '\n'
               + (f'\n**{label}**\n' if label else '') + '\n')
-    md = results_markdown(results, heading=False, unit='seed')
-    out_prefix.with_suffix('.md').write_text(header + md)
-    plot_results(results, out_prefix.with_suffix('.png'), unit='seed')
-    print(header + md)
+    write_bench_report(out_prefix, header, results, unit='seed')
     return written
 
 

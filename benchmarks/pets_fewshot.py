@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, command_line, shared_dir, utc_now, write_result  # noqa: E402
+from _common import REPO_ROOT, command_line, shared_dir, utc_now, write_bench_report, write_result  # noqa: E402
 
 PROFILES: dict[str, dict[str, Any]] = {
     'cpu': dict(img_size=96, epochs=4, folds=5, seeds=[0], batch_size=32,
@@ -95,7 +95,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
     With ``report_only`` nothing is trained: the runs finished so far are summarised, and the result is labelled
     partial when some are missing.
     """
-    from finetune.bench import VARIANTS, plot_results, results_markdown, run_bench, summarize_runs
+    from finetune.bench import VARIANTS, run_bench, summarize_runs
     from finetune.config import TrainConfig
     p = dict(PROFILES[profile])
     variants = list(variants or p['variants'])
@@ -137,7 +137,6 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
     command = command_line(argv, 'benchmarks/pets_fewshot.py')
     written = write_result(out_prefix.with_suffix('.json'), results, command=command,
                            seeds=seeds, wall_time_s=wall, started_at=started, label=label)
-    md = results_markdown(results, heading=False, unit='(fold, seed)')
     meta = written['meta']
     header = (f"# pets370 few-shot fine-tuning ({profile} profile)\n\n"
               f"{setup['model']}; {setup['dataset']}; {p['epochs']} epochs at {p['img_size']} px, seeds {seeds}; "
@@ -146,9 +145,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
               f"({meta['machine'].get('cpu_count', '?')} cores), torch {meta['machine'].get('torch', '')}  \n"
               f"Date: {meta['date_utc']}; the finished runs took {runs_wall / 60:.1f} min of wall time in all\n"
               + (f'\n**{label}**\n' if label else '') + '\n')
-    out_prefix.with_suffix('.md').write_text(header + md)
-    plot_results(results, out_prefix.with_suffix('.png'), unit='(fold, seed)')
-    print(header + md)
+    write_bench_report(out_prefix, header, results, unit='(fold, seed)')
     return written
 
 
