@@ -68,6 +68,9 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: str = 'no'
     channels_last: bool = True           # on GPUs only (slower on CPU)
+    # torch.compile through accelerate ('inductor', 'eager', ...); None leaves it to `accelerate launch
+    # --dynamo_backend` / the accelerate config (off unless set there)
+    dynamo_backend: str | None = None
     img_size: int | None = None
     rrc_scale_min: float = 0.35           # RandomResizedCrop lower area bound; timm's 0.08 is harsh for few-shot
     color_jitter: float = 0.4             # brightness/contrast/saturation jitter, timm's train-transform default
@@ -156,6 +159,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--grad-accum', type=int, default=d.grad_accum)
     g.add_argument('--mixed-precision', choices=('no', 'bf16', 'fp16'), default=d.mixed_precision)
     g.add_argument('--no-channels-last', dest='channels_last', action='store_false')
+    g.add_argument('--dynamo-backend', default=None, metavar='NAME',
+                   help="torch.compile the model through accelerate, e.g. inductor (default: accelerate launch's "
+                        "--dynamo_backend or config, else off); keep the same value when resuming")
     g.add_argument('--img-size', type=int, default=None)
     g.add_argument('--rrc-scale-min', type=float, default=d.rrc_scale_min)
     g.add_argument('--color-jitter', type=float, default=d.color_jitter,

@@ -35,8 +35,9 @@ def test_unknown_model(tiny_pets, tmp_path, capsys):
 @pytest.mark.parametrize('extra, says', [
     (('--fast-data', '--cache-short-side', '24'), ('--cache-short-side 24', 'at least the input size')),
     (('--color-jitter', '-0.2'), ('--color-jitter -0.2', '>= 0')),
-], ids=['cache_smaller_than_input', 'negative_color_jitter'])
-def test_bad_data_option(tiny_pets, tmp_path, capsys, extra, says):
+    (('--dynamo-backend', 'inductr'), ("--dynamo-backend 'inductr'", 'inductor')),
+], ids=['cache_smaller_than_input', 'negative_color_jitter', 'unknown_dynamo_backend'])
+def test_bad_option(tiny_pets, tmp_path, capsys, extra, says):
     code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', *extra))
     assert code == 2 and all(s in err for s in says)
     assert not (tmp_path / 'out').exists()

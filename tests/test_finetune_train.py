@@ -100,6 +100,16 @@ def test_resume_continues_exactly(rewritten_run, tiny_pets, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_compiled_model_exports_plain_weights(tiny_pets, tmp_path):
+    """--dynamo-backend compiles through accelerate; the exported folder still holds the plain model's keys."""
+    cfg = tiny_cfg(tiny_pets, tmp_path / 'compiled', epochs=1, dynamo_backend='eager', log_with='none')
+    metrics = train(cfg)
+    keys = load_file(str(tmp_path / 'compiled' / 'model' / 'model.safetensors')).keys()
+    assert keys and not any(k.startswith('_orig_mod.') for k in keys)
+    logits, targets, _ = timm_eval(tmp_path / 'compiled' / 'model', load_samples('pets', tiny_pets).eval)
+    assert (logits.argmax(1) == targets).float().mean().item() == pytest.approx(metrics['top1'], abs=1e-6)
+
+
 @pytest.mark.parametrize('fast', [True, False], ids=['fastdata', 'pil'])
 def test_corrupt_images_are_skipped_and_counted(tiny_pets, tmp_path, fast):
     data = tmp_path / 'data'
