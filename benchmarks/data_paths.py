@@ -13,6 +13,10 @@ finished run is never repeated and an interrupted one resumes from its checkpoin
 started again. ``--jobs N`` trains N runs at once (``--threads`` each): on a 2-core machine 2 x 1 thread finishes
 the grid sooner than one 2-thread run after another.
 
+Arms (``--arms``, default pil and fast): also ``pil_cached_pixels``, a diagnostic: timm's PIL transforms on
+the pixels the fast path caches (each training image decoded and resized to img_size / crop_pct first). It
+scores like ``pil`` if the cache's pixels are not what costs accuracy, like ``fast`` if they are.
+
 Profiles (``--profile``):
     cpu    160 px, 6 epochs, seeds 0-7 (the README main job's budget)
     smoke  48 px, 1 epoch, 24 training images, seed 0: proves the script (not evidence)
@@ -42,7 +46,11 @@ PROFILES: dict[str, dict[str, Any]] = {
 ARMS: dict[str, tuple[bool, str]] = {
     'pil': (False, "timm's per-image PIL transforms, every JPEG decoded every epoch (--no-fast-data)"),
     'fast': (True, 'decode-once uint8 cache, batched crops/flips/jitter (--fast-data)'),
+    # diagnostic: splits the fast path's difference into "pixels of the cache" vs "batched augmentation + loop"
+    'pil_cached_pixels': (False, "timm's PIL transforms on the fast path's cached pixels (training images decoded "
+                                 "and resized to img/crop_pct first, as the cache holds them)"),
 }
+DEFAULT_ARMS = ('pil', 'fast')
 BASELINE = 'pil'
 # written out, not taken from TrainConfig's defaults, so that later changes of the defaults do not silently change
 # what a committed result measured
@@ -61,7 +69,34 @@ def run_config(profile: str, arm: str, seed: int, work_dir: Path, data_dir: Path
                        output_dir=str(work_dir / arm / f'seed_{seed}'), cache_dir=str(work_dir / 'cache'), **RECIPE)
 
 
-def _launch(cfg, threads: int) -> subprocess.Popen:
+def use_cached_pixels_for_training(img_size: int, crop_pct: float = 0.875) -> None:
+    """Make ``finetune train``'s PIL path read its *training* images as the fast-data cache holds them.
+
+    Each training image is decoded and resized to a short side of ``floor(img_size / crop_pct)`` with the very
+    function that fills the cache, then timm's PIL train transform runs on it as usual; eval images are untouched.
+    Only for the ``pil_cached_pixels`` arm, in its own process.
+    """
+    from PIL import Image
+    from finetune import data as data_lib, fastdata
+    short = fastdata.default_short_side(img_size, crop_pct)
+    original = data_lib.ImageListDataset
+
+    class CachedPixels(original):
+        def __getitem__(self, i: int):
+            path, label = self.samples[i]
+            img = Image.fromarray(fastdata._decode_hwc(path, short, 'bilinear', fastdata.DEFAULT_MAX_ASPECT))
+            return self.transform(img), label
+
+    made = []
+
+    def first_is_train(samples, transform=None):  # make_loaders builds the train dataset, then the eval one
+        made.append(1)
+        return (CachedPixels if len(made) == 1 else original)(samples, transform)
+
+    data_lib.ImageListDataset = first_is_train
+
+
+def _launch(cfg, threads: int, arm: str) -> subprocess.Popen:
     """One run in its own process (its own thread count; a crash stays in its own log)."""
     run_dir = Path(cfg.output_dir)
     resume = 'auto' if (run_dir / 'checkpoints' / 'LATEST').is_file() else None
@@ -70,23 +105,26 @@ def _launch(cfg, threads: int) -> subprocess.Popen:
     cfg = cfg.replace(resume=resume)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     code = ('import sys, torch; torch.set_num_threads(int(sys.argv[1])); from finetune.config import TrainConfig; '
-            'from finetune.train import train; train(TrainConfig.from_json(sys.argv[2]))')
+            'cfg = TrainConfig.from_json(sys.argv[2]); sys.path.insert(0, "benchmarks"); import data_paths; '
+            'sys.argv[3] == "pil_cached_pixels" and data_paths.use_cached_pixels_for_training(cfg.img_size); '
+            'from finetune.train import train; train(cfg)')
     log = open(run_dir.parent / f'{run_dir.name}.log', 'a')
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return subprocess.Popen([sys.executable, '-c', code, str(threads), cfg.to_json()], stdout=log,
+    return subprocess.Popen([sys.executable, '-c', code, str(threads), cfg.to_json(), arm], stdout=log,
                             stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
 
-def run_grid(configs: Sequence, jobs: int, threads: int) -> list[str]:
-    """Train every config without a metrics.json, ``jobs`` at a time; returns the output dirs that failed."""
-    todo = [c for c in configs if not (Path(c.output_dir) / 'metrics.json').is_file()]
+def run_grid(configs: Sequence[tuple[str, Any]], jobs: int, threads: int) -> list[str]:
+    """Train every ``(arm, config)`` without a metrics.json, ``jobs`` at a time; returns the output dirs that
+    failed."""
+    todo = [(arm, c) for arm, c in configs if not (Path(c.output_dir) / 'metrics.json').is_file()]
     running: list[tuple[Any, subprocess.Popen]] = []
     failed = []
     while todo or running:
         while todo and len(running) < jobs:
-            cfg = todo.pop(0)
+            arm, cfg = todo.pop(0)
             print(f'data_paths: start {cfg.output_dir}', flush=True)
-            running.append((cfg, _launch(cfg, threads)))
+            running.append((cfg, _launch(cfg, threads, arm)))
         time.sleep(2)
         for cfg, proc in list(running):
             if proc.poll() is not None:
@@ -101,23 +139,25 @@ def run_grid(configs: Sequence, jobs: int, threads: int) -> list[str]:
 
 def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights: Path,
         seeds: Sequence[int] | None = None, jobs: int = 1, threads: int = 2, argv: Sequence[str] | None = None,
-        report_only: bool = False) -> dict[str, Any]:
+        report_only: bool = False, arms: Sequence[str] = DEFAULT_ARMS) -> dict[str, Any]:
     """Train the grid (skipping finished runs) and write ``<out_prefix>.json``, ``.md`` and ``.png``."""
     from finetune.bench import summarize_runs
+    if BASELINE not in arms:
+        raise SystemExit(f'--arms must include the baseline {BASELINE!r}')
     p = PROFILES[profile]
     seeds = list(seeds if seeds is not None else p['seeds'])
     started, t0 = utc_now(), time.time()
     # seed-major order: whatever has finished when the grid is stopped early is paired
-    configs = [run_config(profile, arm, s, work_dir, data_dir, weights) for s in seeds for arm in ARMS]
+    configs = [(arm, run_config(profile, arm, s, work_dir, data_dir, weights)) for s in seeds for arm in arms]
     failed = [] if report_only else run_grid(configs, jobs, threads)
     runs: dict[str, dict[int, dict]] = {}
-    for cfg in configs:
+    for arm, cfg in configs:
         done = Path(cfg.output_dir) / 'metrics.json'
         if done.is_file():
-            runs.setdefault('fast' if cfg.fast_data else 'pil', {})[cfg.seed] = json.loads(done.read_text())
+            runs.setdefault(arm, {})[cfg.seed] = json.loads(done.read_text())
     if BASELINE not in runs:
         raise SystemExit(f'no finished {BASELINE!r} run under {work_dir}; failed runs: {failed} (see their .log)')
-    base_cfg = configs[0]
+    base_cfg = configs[0][1]
     setup = dict(model='resnet50 (ImageNet weights of shared/weights/resnet50_keras_in1k, v1 strides)',
                  dataset='pets370 (185 trainval / 185 test)', data_dir=str(data_dir), epochs=p['epochs'],
                  img_size=p['img_size'], seeds=seeds, pairing='unit = seed', jobs=jobs, threads_per_job=threads,
@@ -125,7 +165,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
     results = summarize_runs(runs, BASELINE, {k: v[1] for k, v in ARMS.items()}, setup)
     runs_wall = {arm: sum(m['wall_seconds'] for m in by_seed.values()) for arm, by_seed in runs.items()}
     results['setup']['sum_of_run_wall_seconds'] = {k: round(v, 1) for k, v in runs_wall.items()}
-    total = len(ARMS) * len(seeds)
+    total = len(arms) * len(seeds)
     finished = sum(len(v) for v in runs.values())
     label = ('smoke: proves the script, not evidence' if profile == 'smoke' else
              f'partial: {finished} of {total} runs finished' if finished < total else None)
@@ -152,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--profile', choices=sorted(PROFILES), default='cpu')
     parser.add_argument('--seeds', type=int, nargs='+', help="override the profile's seeds")
+    parser.add_argument('--arms', nargs='+', choices=list(ARMS), default=list(DEFAULT_ARMS),
+                        help='data paths to train (default: pil fast; pil_cached_pixels is a diagnostic)')
     parser.add_argument('--jobs', type=int, default=1, help='runs trained at the same time (default 1)')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch threads per run (default: the cores divided among the jobs)')
@@ -168,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out or REPO_ROOT / 'benchmarks' / 'results' / f'data_paths_{args.profile}')
     out.parent.mkdir(parents=True, exist_ok=True)
     run(args.profile, work, out, shared / 'data' / 'pets370', shared / 'weights' / 'resnet50_keras_in1k',
-        args.seeds, args.jobs, threads, argv, report_only=args.report_only)
+        args.seeds, args.jobs, threads, argv, report_only=args.report_only, arms=args.arms)
     return 0
 
 

@@ -166,16 +166,23 @@ def test_data_paths_smoke_pairs_the_arms_and_skips_finished_runs(tmp_path, share
     shared_path('data', 'pets370')
     shared_path('weights', 'resnet50_keras_in1k')
     out = tmp_path / 'dp'
-    argv = ['--profile', 'smoke', '--jobs', '2', '--work-dir', str(tmp_path / 'work'), '--out', str(out)]
+    argv = ['--profile', 'smoke', '--jobs', '2', '--work-dir', str(tmp_path / 'work'), '--out', str(out),
+            '--arms', 'pil', 'fast', 'pil_cached_pixels']
     assert data_paths.main(argv) == 0
     r = json.loads(out.with_suffix('.json').read_text())
     _check_meta(r, out.with_suffix('.json'))
     assert r['meta']['label'].startswith('smoke') and r['baseline'] == 'pil'
-    assert set(r['variants']) == {'pil', 'fast'} and r['comparisons']['fast']['n'] == 1
-    cfgs = {arm: json.loads((tmp_path / 'work' / arm / 'seed_0' / 'config.json').read_text()) for arm in ('pil', 'fast')}
+    assert set(r['variants']) == {'pil', 'fast', 'pil_cached_pixels'} and r['comparisons']['fast']['n'] == 1
+    arms = ('pil', 'fast', 'pil_cached_pixels')
+    cfgs = {arm: json.loads((tmp_path / 'work' / arm / 'seed_0' / 'config.json').read_text()) for arm in arms}
     assert cfgs['pil']['fast_data'] is False and cfgs['fast']['fast_data'] is True
     # the arms differ in the data path only
     assert {k for k in cfgs['pil'] if cfgs['pil'][k] != cfgs['fast'][k]} == {'fast_data', 'output_dir'}
+    assert {k for k in cfgs['pil'] if cfgs['pil'][k] != cfgs['pil_cached_pixels'][k]} == {'output_dir'}
+    # ... and the diagnostic arm really trained on other pixels (same config, same seed, another loss)
+    losses = {arm: json.loads((tmp_path / 'work' / arm / 'seed_0' / 'metrics.json').read_text())['history'][0]
+              ['train_loss'] for arm in arms}
+    assert losses['pil_cached_pixels'] != losses['pil']
     pil = r['variants']['pil']['seeds']['0']['top1']
     assert r['comparisons']['fast']['top1']['mean'] == pytest.approx(r['variants']['fast']['seeds']['0']['top1'] - pil)
     assert '| fast |' in out.with_suffix('.md').read_text() and out.with_suffix('.png').stat().st_size > 0
