@@ -60,7 +60,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -357,7 +357,8 @@ class CachedDataset(Dataset):
 
     def _array(self) -> np.ndarray:
         if self._arr is None:
-            self._arr = np.memmap(self.cache_path, dtype=np.uint8, mode='r')
+            # copy-on-write: tensor views need a writable array, and a stray write must never reach the file
+            self._arr = np.memmap(self.cache_path, dtype=np.uint8, mode='c')
         return self._arr
 
     def _hwc(self, i: int) -> np.ndarray:
@@ -374,17 +375,16 @@ class CachedDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
-        img = torch.from_numpy(np.array(self._hwc(idx))).permute(2, 0, 1)  # copy: the map is read-only
+        img = torch.from_numpy(np.array(self._hwc(idx))).permute(2, 0, 1)  # a copy the caller may modify
         return img, self.labels[idx]
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        # views into the map, no copy yet: the collate function pads them into a batch, or a worker-side
+        # BatchAugment crops straight from them (the canvas copy was ~40 % of a worker's time at 224 px)
         idx = np.asarray(indices, dtype=np.int64)
-        sizes = self.shapes[idx]
-        canvas = _new_uint8((len(idx), int(sizes[:, 0].max()), int(sizes[:, 1].max()), 3), zeroed=True)
-        c = canvas.numpy()
-        for k in np.argsort(self.offsets[idx], kind='stable'):  # file order: mostly sequential reads
-            _paste(c[k], self._hwc(int(idx[k])))
-        return _Batch.of(canvas.permute(0, 3, 1, 2), [self.labels[i] for i in indices], torch.from_numpy(sizes))
+        out = _Batch((torch.from_numpy(self._hwc(int(i))).permute(2, 0, 1), self.labels[i]) for i in indices)
+        out.read_order = np.argsort(self.offsets[idx], kind='stable').tolist()  # file order: sequential reads
+        return out
 
 
 # Sampling at a crop's edge reads at most 1 (bilinear) or 2 (bicubic) pixels beyond it: a ring this wide of
@@ -415,37 +415,37 @@ def _new_uint8(shape: tuple[int, ...], zeroed: bool = False) -> torch.Tensor:
 
 
 class _Batch(list):
-    """A list of ``(image, label)`` samples (so any collate_fn works) that also carries the padded batch."""
-    images: torch.Tensor
-    labels: torch.Tensor
-    sizes: torch.Tensor
-
-    @classmethod
-    def of(cls, images: torch.Tensor, labels: list[int], sizes: torch.Tensor) -> '_Batch':
-        out = cls((images[k, :, :h, :w], lab) for k, ((h, w), lab) in enumerate(zip(sizes.tolist(), labels)))
-        out.images, out.labels, out.sizes = images, torch.tensor(labels, dtype=torch.int64), sizes
-        return out
+    """``(image, label)`` samples whose images are read-only views of a cache (any collate_fn works; a copying
+    one such as torch's default or :func:`collate_padded` is safe), with the order to read them in."""
+    read_order: list[int]
 
 
 def collate_padded(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``collate_fn`` for images of different sizes: ``(uint8 [B, 3, H, W] padded, int64 labels [B], sizes [B, 2])``.
 
     ``sizes[k] = (h, w)`` of image ``k``; ``H, W`` are the largest. Pass ``sizes`` on to :class:`BatchAugment`.
-    Batches from :class:`CachedDataset` arrive already padded and are passed through without a copy.
 
     Example::
 
         >>> loader = DataLoader(CachedDataset(info.path), batch_size=32, collate_fn=collate_padded)
         >>> images, labels, sizes = next(iter(loader))
     """
-    if isinstance(samples, _Batch):
-        return samples.images, samples.labels, samples.sizes
-    sizes = torch.tensor([list(img.shape[-2:]) for img, _ in samples], dtype=torch.int64)
-    canvas = _new_uint8((len(samples), int(sizes[:, 0].max()), int(sizes[:, 1].max()), 3), zeroed=True)
-    for k, (img, _) in enumerate(samples):
-        _paste(canvas[k].numpy(), img.permute(1, 2, 0).numpy())
+    canvas, sizes = _pad([img for img, _ in samples], getattr(samples, 'read_order', None))
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return canvas.permute(0, 3, 1, 2), labels, sizes
+    return canvas, labels, sizes
+
+
+def _pad(images: Sequence[torch.Tensor], order: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[3, h, w]`` CPU images -> (``[B, 3, H, W]`` canvas of the first one's dtype, channels_last in memory,
+    ``[B, 2]`` sizes)."""
+    sizes = torch.tensor([list(img.shape[-2:]) for img in images], dtype=torch.int64)
+    shape = (len(images), int(sizes[:, 0].max()), int(sizes[:, 1].max()), 3)
+    dtype = images[0].dtype
+    canvas = _new_uint8(shape, zeroed=True) if dtype == torch.uint8 else torch.zeros(shape, dtype=dtype)
+    c = canvas.numpy()
+    for k in (range(len(images)) if order is None else order):
+        _paste(c[k], images[k].permute(1, 2, 0).numpy())
+    return canvas.permute(0, 3, 1, 2), sizes
 
 
 class _CollateThenTransform:
@@ -455,10 +455,16 @@ class _CollateThenTransform:
         self.batch_transform = batch_transform
 
     def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, labels, sizes = collate_padded(samples)
+        if isinstance(getattr(self.batch_transform, '__self__', None), BatchAugment):
+            # BatchAugment takes the images as a list: CPU crops come straight from the cache, no padded copy
+            labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+            images: Any = [img for img, _ in samples]
+        else:
+            images, labels, sizes = collate_padded(samples)
         if self.batch_transform is not None:
             with torch.no_grad():
-                images = self.batch_transform(images, sizes)
+                images = self.batch_transform(images) if isinstance(images, list) else \
+                    self.batch_transform(images, sizes)
             sizes = torch.tensor([list(images.shape[-2:])] * len(labels), dtype=torch.int64)
         return images, labels, sizes
 
@@ -637,21 +643,25 @@ class BatchAugment(nn.Module):
         j = torch.where(any_ok, j, torch.floor((width - w) / 2))
         return torch.stack([j, i, j + w, i + h], dim=1)
 
-    def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None,
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor], sizes: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """uint8 (or float in 0..255) ``[B, 3, H, W]`` on any device -> float32 normalized ``[B, 3, img, img]``.
 
         ``sizes``: ``[B, 2]`` ``(h, w)`` of each image in a padded batch (None: every image fills ``H x W``).
+        ``x`` may also be a list of ``[3, h, w]`` images of different sizes (``sizes`` None): the same result as
+        their padded batch, without the padded copy on the CPU uint8 route.
         """
         return self.normalize(self.resample(x, sizes, generator), inplace=True)  # resample's output is ours
 
-    def resample(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None,
+    def resample(self, x: torch.Tensor | Sequence[torch.Tensor], sizes: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The geometric part alone: crops/flips (train) or the center crop (eval), resized to ``img_size``.
 
         Keeps pixel values in 0..255; a uint8 batch on CPU stays uint8 (a quarter of the bytes to move between
         processes), on other devices train crops come out float32. ``normalize`` finishes the job.
         """
+        if isinstance(x, (list, tuple)):
+            return self._resample_list(list(x), sizes, generator)
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f'BatchAugment expects a [B, 3, H, W] batch, got shape {tuple(x.shape)}')
         b, _, height, width = x.shape
@@ -669,14 +679,37 @@ class BatchAugment(nn.Module):
             boxes = self.sample_boxes(b, height, width, generator)
         else:
             boxes = self.sample_boxes(b, sizes[:, 0], sizes[:, 1], generator)
-        flip = torch.rand(b, generator=generator) < self.hflip if self.hflip > 0 else torch.zeros(b, dtype=torch.bool)
+        flip = self._flips(b, generator)
         if x.device.type == 'cpu' and x.dtype == torch.uint8:
-            out = self._crops_uint8_cpu(x, boxes, flip)
+            out = self._crops_uint8_cpu(x.unbind(0), boxes, flip)
         else:
             out = self._crops_grid(x, boxes, flip)
-        if self.color_jitter > 0:
-            out = self.jitter(out, generator)
-        return out
+        return self.jitter(out, generator) if self.color_jitter > 0 else out
+
+    def _resample_list(self, images: list[torch.Tensor], sizes: Optional[torch.Tensor],
+                       generator: Optional[torch.Generator]) -> torch.Tensor:
+        """``resample`` for a list of ``[3, h, w]`` images; the random draws are those of their padded batch."""
+        if sizes is not None:
+            raise ValueError('a list of images carries its own sizes: pass sizes=None')
+        if not images or any(img.dim() != 3 or img.shape[0] != 3 for img in images):
+            raise ValueError(f'BatchAugment expects a non-empty list of [3, h, w] images, got shapes '
+                             f'{[tuple(img.shape) for img in images]}')
+        on_cpu_uint8 = all(img.device.type == 'cpu' and img.dtype == torch.uint8 for img in images)
+        if not self.train_mode:
+            return torch.cat([self._center_same_size(img[None], *img.shape[-2:]) for img in images])
+        if not on_cpu_uint8:  # the batched float route needs one tensor: pad on the host, move back
+            device = images[0].device
+            canvas, hw = _pad([img.cpu() for img in images])
+            return self.resample(canvas.to(device), hw, generator)
+        hw = torch.tensor([list(img.shape[-2:]) for img in images], dtype=torch.int64)
+        boxes = self.sample_boxes(len(images), hw[:, 0], hw[:, 1], generator)
+        out = self._crops_uint8_cpu(images, boxes, self._flips(len(images), generator))
+        return self.jitter(out, generator) if self.color_jitter > 0 else out
+
+    def _flips(self, b: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+        if self.hflip <= 0:
+            return torch.zeros(b, dtype=torch.bool)
+        return torch.rand(b, generator=generator) < self.hflip
 
     def jitter(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """torchvision's ColorJitter(brightness, contrast, saturation) for a whole batch, one draw per image.
@@ -729,16 +762,17 @@ class BatchAugment(nn.Module):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
 
-    def _crops_uint8_cpu(self, x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    def _crops_uint8_cpu(self, images: Sequence[torch.Tensor], boxes: torch.Tensor,
+                         flip: torch.Tensor) -> torch.Tensor:
         """CPU: one antialiased uint8 resize per crop. Unlike the batched float path this loops in Python, but
         torch's uint8 bilinear-antialias kernel (the one torchvision uses) on the channels_last cache batch plus
         uint8 output is several times cheaper than converting the whole batch to float for ``grid_sample``, and
         it antialiases like PIL at any shrink factor."""
         size = (self.img_size, self.img_size)
-        out = _new_uint8((x.shape[0], 3) + size)
+        out = _new_uint8((len(images), 3) + size)
         for i, (x1, y1, x2, y2) in enumerate(boxes.to(torch.int64).tolist()):
-            crop = F.interpolate(x[i:i + 1, :, y1:y2, x1:x2], size=size, mode=self.interpolation, align_corners=False,
-                                 antialias=True)
+            crop = F.interpolate(images[i][None, :, y1:y2, x1:x2], size=size, mode=self.interpolation,
+                                 align_corners=False, antialias=True)
             out[i] = crop[0].flip(-1) if flip[i] else crop[0]
         return out
 

@@ -254,6 +254,35 @@ def test_fast_loader_batches_and_workers(tmp_path):
     assert sum(len(b[1]) for b in run[0]) == 10
 
 
+def test_image_lists_give_the_padded_batch_result(tmp_path):
+    """A list of differently sized images (what the loader workers hand a BatchAugment, no padded copy) gives
+    exactly the padded batch's crops, flips and jitter, on every route; the cache views never write the file."""
+    samples = _write_images(tmp_path / 'img', 6)
+    ds = CachedDataset(build_cache(samples, 20, tmp_path / 'cache', num_workers=0).path)
+    views = [img for img, _ in ds.__getitems__([5, 0, 3, 2])]
+    images, _, sizes = collate_padded([(v, 0) for v in views])
+    for kw in (dict(train=True, color_jitter=0.4), dict(train=True, interpolation='bicubic'), dict(train=False)):
+        aug = BatchAugment(16, MEAN, STD, **kw)
+        for dtype in (torch.uint8, torch.float32):
+            want = aug([v.to(dtype) for v in views], generator=torch.Generator().manual_seed(4))
+            got = aug(images.to(dtype), sizes, generator=torch.Generator().manual_seed(4))
+            assert torch.equal(want, got), (kw, dtype)
+    with pytest.raises(ValueError, match='sizes=None'):
+        aug(views, sizes)
+    with pytest.raises(ValueError, match=r'\[3, h, w\]'):
+        aug([views[0][:2]])
+    # the worker route (list) and the main-process route (padded) of a loader give the same batches
+    aug = BatchAugment(12, MEAN, STD, train=True, color_jitter=0.4)
+    torch.manual_seed(0)
+    padded = [aug.resample(x, sz) for x, _, sz in make_fast_loader(ds, 3, shuffle=True, num_workers=0, seed=1)]
+    torch.manual_seed(0)
+    listed = list(make_fast_loader(ds, 3, shuffle=True, num_workers=0, seed=1, batch_transform=aug.resample))
+    assert all(torch.equal(a[0], b) for a, b in zip(listed, padded))
+    before = ds.cache_path.read_bytes()
+    views[0].fill_(7)  # a stray write stays in this process's copy-on-write pages
+    assert ds.cache_path.read_bytes() == before
+
+
 def test_default_short_side():
     assert default_short_side(224) == 256 and default_short_side(224, 0.95) == math.floor(224 / 0.95)
 
