@@ -322,9 +322,9 @@ class CachedDataset(Dataset):
     """Memory-mapped view of a :func:`build_cache` file: ``dataset[i] -> (uint8 tensor [3, h, w], int label)``.
 
     The memory map is opened lazily in each process (DataLoader workers pickle the dataset, not the map).
-    Batched fetches (``__getitems__``, used by ``DataLoader`` automatically) copy the images of a batch, in file
-    order, into one uint8 canvas as large as the batch's largest image, and remember each image's ``(h, w)``;
-    :func:`collate_padded` hands both on. The padding repeats each image's last two rows and columns once (the
+    Batched fetches (``__getitems__``, used by ``DataLoader`` automatically) return read-only views of the map;
+    :func:`collate_padded` copies them, in file order, into one uint8 canvas as large as the batch's largest image
+    and hands on each image's ``(h, w)``. The padding repeats each image's last two rows and columns once (the
     most that bilinear or bicubic sampling at a crop's edge can reach) and is zero beyond them.
 
     Example::
@@ -495,7 +495,8 @@ def make_fast_loader(
         seed: seeds the shuffle order and the workers' torch RNG, so two loaders with the same seed yield the
             same batches (and, with ``batch_transform``, the same augmentations).
         batch_transform: optional ``callable(images, sizes)`` run on each padded uint8 batch inside the workers;
-            the batch's ``sizes`` are then those of its output. When training
+            the batch's ``sizes`` are then those of its output. A ``BatchAugment`` method instead receives the
+            list of the batch's images (no padded copy). When training
             on CPU pass ``augment.resample`` of a ``BatchAugment`` (crops run in parallel to the training step,
             as PIL transforms would, and uint8 batches are cheap to pass) and call ``augment.normalize`` on the
             batches in the training loop. On a GPU leave it ``None`` and run the whole ``augment`` there.
