@@ -58,6 +58,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -71,7 +72,7 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     'CacheInfo', 'build_cache', 'default_short_side', 'CachedDataset', 'BatchAugment',
-    'make_fast_loader', 'collate_padded', 'load_and_resize',
+    'make_fast_loader', 'collate_padded', 'CollateThenTransform', 'load_and_resize',
 ]
 
 _CACHE_VERSION = 3  # bump when the on-disk layout or the resize recipe changes, so old caches rebuild
@@ -404,6 +405,18 @@ def _paste(canvas_hwc: np.ndarray, img_hwc: np.ndarray) -> None:
         canvas_hwc[h:ring_h, :ring_w] = canvas_hwc[h - 1:h, :ring_w]
 
 
+_POOL: dict[str, Any] = {}
+
+
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool for the CPU crops; a new one after a fork (a forked child has none of the threads)."""
+    if _POOL.get('pid') != os.getpid() or _POOL.get('threads') != threads:
+        if _POOL.get('pid') == os.getpid():
+            _POOL['pool'].shutdown(wait=False)
+        _POOL.update(pid=os.getpid(), threads=threads, pool=ThreadPoolExecutor(threads, thread_name_prefix='crops'))
+    return _POOL['pool']
+
+
 def _new_uint8(shape: tuple[int, ...], zeroed: bool = False) -> torch.Tensor:
     """A new uint8 tensor; in a DataLoader worker it lives in shared memory (what default_collate does), so
     the batch is not copied again on its way to the main process."""
@@ -448,8 +461,19 @@ def _pad(images: Sequence[torch.Tensor], order: Optional[Sequence[int]] = None) 
     return canvas.permute(0, 3, 1, 2), sizes
 
 
-class _CollateThenTransform:
-    """Pad uint8 samples into a batch, then (optionally) run a batch transform on it, inside the worker."""
+class CollateThenTransform:
+    """``collate_fn`` that runs a batch transform where the batch is made (in a loader worker, or in the training
+    process with ``num_workers=0``): ``(transformed images, labels, sizes of the output)``.
+
+    A ``BatchAugment`` method (``resample`` or ``forward``) receives the batch's images as a list (no padded copy);
+    any other ``callable(images, sizes)`` gets the padded batch of :func:`collate_padded`.
+
+    Example::
+
+        >>> aug = BatchAugment(224, mean, std, train=True)
+        >>> collate = CollateThenTransform(aug.resample)   # uint8 crops; aug.normalize them in the training loop
+        >>> loader = DataLoader(CachedDataset(info.path), batch_size=32, collate_fn=collate)
+    """
 
     def __init__(self, batch_transform: Optional[Callable[..., torch.Tensor]] = None):
         self.batch_transform = batch_transform
@@ -510,7 +534,7 @@ def make_fast_loader(
     g.manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=drop_last,
-        collate_fn=_CollateThenTransform(batch_transform),
+        collate_fn=CollateThenTransform(batch_transform),
         pin_memory=pin_memory and torch.cuda.is_available(),
         persistent_workers=persistent_workers and num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None, generator=g,
@@ -768,13 +792,26 @@ class BatchAugment(nn.Module):
         """CPU: one antialiased uint8 resize per crop. Unlike the batched float path this loops in Python, but
         torch's uint8 bilinear-antialias kernel (the one torchvision uses) on the channels_last cache batch plus
         uint8 output is several times cheaper than converting the whole batch to float for ``grid_sample``, and
-        it antialiases like PIL at any shrink factor."""
+        it antialiases like PIL at any shrink factor. One resize uses one core, so the crops are spread over
+        ``torch.get_num_threads()`` threads (torch releases the GIL while it resizes); inside DataLoader
+        workers that is 1 thread."""
         size = (self.img_size, self.img_size)
         out = _new_uint8((len(images), 3) + size)
-        for i, (x1, y1, x2, y2) in enumerate(boxes.to(torch.int64).tolist()):
-            crop = F.interpolate(images[i][None, :, y1:y2, x1:x2], size=size, mode=self.interpolation,
-                                 align_corners=False, antialias=True)
-            out[i] = crop[0].flip(-1) if flip[i] else crop[0]
+        boxes_list = boxes.to(torch.int64).tolist()
+        flips = flip.tolist()
+
+        def crop_some(indices: Sequence[int]) -> None:
+            for i in indices:
+                x1, y1, x2, y2 = boxes_list[i]
+                crop = F.interpolate(images[i][None, :, y1:y2, x1:x2], size=size, mode=self.interpolation,
+                                     align_corners=False, antialias=True)[0]
+                out[i] = crop.flip(-1) if flips[i] else crop
+
+        threads = min(torch.get_num_threads(), len(images))
+        if threads > 1:
+            list(_thread_pool(threads).map(crop_some, [range(k, len(images), threads) for k in range(threads)]))
+        else:
+            crop_some(range(len(images)))
         return out
 
     def _crops_grid(self, x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:

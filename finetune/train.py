@@ -82,12 +82,14 @@ def check_output_dir(out: Path, resume: bool) -> None:
 
 
 def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict, out: Path,
-                 channels_last: bool = False, pin_memory: bool = False):
+                 channels_last: bool = False, device: torch.device | None = None):
     """Train/eval DataLoaders plus the batch transforms to run on the device (None on the PIL path).
 
     The one switch point between the fast path (decode-once uint8 cache + batched augmentation) and the
-    per-image PIL/timm transforms. Returns (train_loader, eval_loader, train_aug, eval_aug, skipped paths).
+    per-image PIL/timm transforms. Returns (train_loader, eval_loader, train_aug, eval_aug, skipped paths);
+    ``train_aug(images, sizes)`` turns a loader batch into model input on ``device``.
     """
+    device = torch.device('cpu') if device is None else device
     img_size = data_config['input_size'][-1]
     if cfg.fast_data:
         from . import fastdata
@@ -109,20 +111,33 @@ def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict,
                                           crop_pct=data_config['crop_pct'], channels_last=channels_last)
         eval_aug = fastdata.BatchAugment(img_size, mean, std, train=False, crop_pct=data_config['crop_pct'],
                                          interpolation=interp, channels_last=channels_last)
-        collate = fastdata.collate_padded  # cached images keep their aspect ratio: padded batches with sizes
+        train_aug, eval_aug = train_aug.to(device), eval_aug.to(device)
+        if device.type == 'cpu':
+            # crops are made with the batch, straight from the cache (no padded copy); the loop only normalizes
+            train_collate = fastdata.CollateThenTransform(train_aug.resample)
+            eval_collate = fastdata.CollateThenTransform(eval_aug.resample)
+            train_aug, eval_aug = _normalize_only(train_aug), _normalize_only(eval_aug)
+        else:  # a GPU crops the padded uint8 batch itself (cached images keep their aspect ratio: sizes come along)
+            train_collate = eval_collate = fastdata.collate_padded
     else:
         train_tf, eval_tf = data_lib.build_transforms(data_config, cfg.rrc_scale_min, cfg.color_jitter)
         train_ds = data_lib.ImageListDataset(split.train, train_tf)
         eval_ds = data_lib.ImageListDataset(split.eval, eval_tf)
-        train_aug = eval_aug = collate = None
+        train_aug = eval_aug = train_collate = eval_collate = None
         skipped = []  # already left out by load_samples' check
-    loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0, collate_fn=collate,
-                     pin_memory=pin_memory)
+    # pinned host memory makes the copies to a GPU asynchronous; it only costs on a CPU
+    loader_kw = dict(num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == 'cuda')
     # drop_last: every step sees a full batch (BatchNorm with a batch of 1 fails, and steps stay comparable)
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                               **loader_kw)
-    eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=cfg.batch_size, shuffle=False, **loader_kw)
+                                               collate_fn=train_collate, **loader_kw)
+    eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=cfg.batch_size, shuffle=False,
+                                              collate_fn=eval_collate, **loader_kw)
     return train_loader, eval_loader, train_aug, eval_aug, skipped
+
+
+def _normalize_only(aug):
+    """The loop's half of a BatchAugment whose crops were made with the batch."""
+    return lambda images, sizes: aug.normalize(images, inplace=True)
 
 
 def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, Any]:
@@ -189,9 +204,8 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     # (resnet18, 32 px, batch 8: 5.0 s vs 1.1 s per step), so it is only used on GPUs
     channels_last = cfg.channels_last and accelerator.device.type == 'cuda'
     with accelerator.main_process_first():  # rank 0 builds the fast-data cache, the others then reuse it
-        # pinned host memory makes the copies to a GPU asynchronous; it only costs on a CPU
         train_loader, eval_loader, train_aug, eval_aug, cache_skipped = make_loaders(
-            cfg, split, data_config, out, channels_last, pin_memory=accelerator.device.type == 'cuda')
+            cfg, split, data_config, out, channels_last, accelerator.device)
     skipped = split.skipped + cache_skipped
     n_train, n_eval = len(train_loader.dataset), len(eval_loader.dataset)
     if skipped and main:
@@ -208,8 +222,6 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     else:
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    if train_aug is not None:
-        train_aug, eval_aug = train_aug.to(accelerator.device), eval_aug.to(accelerator.device)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     # schedule in optimizer steps; stepped by hand only when accelerate really steps (after accumulation)
