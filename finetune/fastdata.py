@@ -518,12 +518,13 @@ def make_fast_loader(
         persistent_workers: keep workers (and their memory maps) alive across epochs; only if ``num_workers > 0``.
         seed: seeds the shuffle order and the workers' torch RNG, so two loaders with the same seed yield the
             same batches (and, with ``batch_transform``, the same augmentations).
-        batch_transform: optional ``callable(images, sizes)`` run on each padded uint8 batch inside the workers;
-            the batch's ``sizes`` are then those of its output. A ``BatchAugment`` method instead receives the
-            list of the batch's images (no padded copy). When training
-            on CPU pass ``augment.resample`` of a ``BatchAugment`` (crops run in parallel to the training step,
-            as PIL transforms would, and uint8 batches are cheap to pass) and call ``augment.normalize`` on the
-            batches in the training loop. On a GPU leave it ``None`` and run the whole ``augment`` there.
+        batch_transform: optional ``callable(images, sizes)`` run on each padded uint8 batch where it is made
+            (see :class:`CollateThenTransform`); the batch's ``sizes`` are then those of its output. A
+            ``BatchAugment`` method instead receives the list of the batch's images (no padded copy). When
+            training on CPU pass ``augment.resample`` with ``num_workers=0`` (on 2 cores that measured ~1900
+            images/s at 224 px against ~1500 with 2 workers, which pass 4.8 MB batches between processes) and
+            call ``augment.normalize`` on the batches in the training loop. On a GPU leave it ``None`` and run
+            the whole ``augment`` there.
 
     Example::
 
