@@ -33,10 +33,10 @@ class TrainConfig:
     download: bool = False
     limit_train: int | None = None        # use only N training images (quick checks / CI), spread over classes
     limit_eval: int | None = None
-    # decode-once uint8 cache of whole images + batched augmentation (finetune/fastdata.py). Off by default: on
-    # pets370 (ResNet-50, 160 px, 6 epochs) it trains about 2x faster on CPU but scored 2-4 points lower top-1 than
-    # timm's per-image PIL transforms in 18 runs (README, main-job table), for a reason not found yet
-    fast_data: bool = False
+    # decode-once uint8 cache of whole images + batched augmentation (finetune/fastdata.py). On pets370 (ResNet-50,
+    # 160 px, 6 epochs, 12 seeds) it scored -1.2 points top-1 [-2.7, +0.3] against timm's per-image PIL transforms:
+    # no significant difference (benchmarks/results/data_paths_cpu.md); --no-fast-data for the PIL path
+    fast_data: bool = True
     cache_dir: str | None = None          # where the fast-data cache goes (default: OUT/cache)
     # short side of the cached training images; default img_size / crop_pct, as the eval images (which makes eval
     # exactly timm's transform). Larger values shrink more crops instead of enlarging them (sharper, slower)
@@ -122,8 +122,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--limit-train', type=int, default=None, metavar='N')
     g.add_argument('--limit-eval', type=int, default=None, metavar='N')
     g.add_argument('--fast-data', dest='fast_data', action=argparse.BooleanOptionalAction, default=d.fast_data,
-                   help='decode-once uint8 cache + batched augmentation (faster, but 2-4 points lower top-1 on '
-                        'pets370, see README); --no-fast-data (default): timm\'s per-image PIL transforms')
+                   help='decode-once uint8 cache + batched augmentation (default; on pets370 -1.2 points top-1 '
+                        '[-2.7, +0.3] over 12 seeds, no significant difference, see README); --no-fast-data: timm\'s '
+                        'per-image PIL transforms')
     g.add_argument('--cache-dir', default=None)
     g.add_argument('--cache-short-side', type=int, default=None, metavar='PX',
                    help='short side of the cached training images (default img_size / crop_pct); eval images are '
