@@ -18,11 +18,13 @@ the pixels the fast path caches (each training image decoded and resized to img_
 scores like ``pil`` if the cache's pixels are not what costs accuracy, like ``fast`` if they are.
 
 Profiles (``--profile``):
-    cpu    160 px, 6 epochs, seeds 0-7 (the README main job's budget)
+    cpu    160 px, 6 epochs, seeds 0-11 (the README main job's budget); the committed result also has the
+           diagnostic arm: 36 runs, about 58 min of run time per arm on 2 cores
     smoke  48 px, 1 epoch, 24 training images, seed 0: proves the script (not evidence)
 
 Example:
     python benchmarks/data_paths.py --profile cpu --jobs 2    # results in benchmarks/results/data_paths_cpu.*
+    python benchmarks/data_paths.py --profile cpu --jobs 2 --arms pil fast pil_cached_pixels   # as committed
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO_ROOT, command_line, shared_dir, utc_now, write_bench_report, write_result  # noqa: E402
 
 PROFILES: dict[str, dict[str, Any]] = {
-    'cpu': dict(img_size=160, epochs=6, seeds=list(range(8)), limit_train=None, limit_eval=None),
+    'cpu': dict(img_size=160, epochs=6, seeds=list(range(12)), limit_train=None, limit_eval=None),
     'smoke': dict(img_size=48, epochs=1, seeds=[0], limit_train=24, limit_eval=16),
 }
 ARMS: dict[str, tuple[bool, str]] = {
