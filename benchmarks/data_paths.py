@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -100,11 +99,9 @@ def use_cached_pixels_for_training(img_size: int, crop_pct: float = 0.875) -> No
 
 def _launch(cfg, threads: int, arm: str) -> subprocess.Popen:
     """One run in its own process (its own thread count; a crash stays in its own log)."""
+    from finetune.checkpoint import resume_or_restart
     run_dir = Path(cfg.output_dir)
-    resume = 'auto' if (run_dir / 'checkpoints' / 'LATEST').is_file() else None
-    if resume is None and run_dir.exists():  # died before its first checkpoint: start it again
-        shutil.rmtree(run_dir)
-    cfg = cfg.replace(resume=resume)
+    cfg = cfg.replace(resume=resume_or_restart(run_dir))
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     code = ('import sys, torch; torch.set_num_threads(int(sys.argv[1])); from finetune.config import TrainConfig; '
             'cfg = TrainConfig.from_json(sys.argv[2]); sys.path.insert(0, "benchmarks"); import data_paths; '

@@ -218,7 +218,7 @@ class Trainer:
     where it is fast)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, toolkit: bool):
-        self.model, self.device, self.toolkit = model, device, toolkit
+        self.model, self.device = model, device
         self.bf16 = toolkit and fast_bf16(device)
         self.channels_last = toolkit and device.type == 'cuda'
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)

@@ -15,11 +15,10 @@ Example:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import write_text_atomic
+from .checkpoint import resume_or_restart, write_text_atomic
 from .config import TrainConfig
 from .errors import FinetuneError
 from .stats import mean_std, paired_t_interval
@@ -176,11 +175,8 @@ def run_bench(base: TrainConfig, variants: Sequence[str], seeds: Sequence[int], 
             if done.is_file():
                 state.print(f'bench: {name} seed {seed} already done, skipping')
             else:
-                resume = 'auto' if (run_dir / 'checkpoints' / 'LATEST').is_file() else None
-                if resume is None and run_dir.exists():  # died before its first checkpoint: start it again
-                    if state.is_main_process:
-                        shutil.rmtree(run_dir)
-                    state.wait_for_everyone()
+                resume = resume_or_restart(run_dir, remove=state.is_main_process)
+                state.wait_for_everyone()  # a dead run's folder is gone for every process
                 state.print(f"bench: {name} seed {seed}{' (resuming)' if resume else ''}")
                 cfg = base.replace(**VARIANTS[name][0], seed=seed, output_dir=str(run_dir), resume=resume,
                                    cache_dir=base.cache_dir or str(out / 'cache'))

@@ -61,6 +61,22 @@ def save_checkpoint(accelerator, run_dir: str | Path, epoch: int, trainer_state:
     return final
 
 
+def resume_or_restart(run_dir: str | Path, remove: bool = True) -> str | None:
+    """For a run to (re)start in ``run_dir``: ``'auto'`` when it holds a complete checkpoint to resume from,
+    else ``None``, and a folder left by a run that died before its first checkpoint is deleted (``remove``;
+    with several processes only the main one should) so that ``train`` starts it again.
+
+    Example:
+        >>> cfg = cfg.replace(resume=resume_or_restart(cfg.output_dir))   # doctest: +SKIP
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / 'checkpoints' / 'LATEST').is_file():
+        return 'auto'
+    if remove and run_dir.exists():
+        shutil.rmtree(run_dir)
+    return None
+
+
 def find_checkpoint(resume: str, run_dir: str | Path) -> Path:
     """Resolve ``--resume`` ('auto' = RUN_DIR, or a run folder, a checkpoints folder, or one checkpoint)."""
     p = Path(run_dir) if resume == 'auto' else Path(resume)
