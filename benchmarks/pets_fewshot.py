@@ -11,17 +11,24 @@ Profiles (``--profile``):
     cpu-long  96 px, 10 epochs, 5 folds x 1 seed, variants none and recommended: does a longer budget (where
            the cpu profile's 4-epoch runs were still underfitting) change the verdict?
     cpu-160   160 px, 6 epochs (the README main job's budget), 5 folds x 1 seed, none and recommended
-    gpu    224 px, 15 epochs, 5 folds x 3 seeds, 8 variants: the setting to run on one GPU (not run yet)
+    gpu    224 px, 15 epochs, bf16 autocast, 5 folds x 1 seed, 8 variants (40 runs): the setting for one GPU;
+           ``--jobs 5`` trains the five folds at once (add seeds with ``--seeds 0 1 2``)
     smoke  48 px, 1 epoch, 2 folds x 1 seed, 2 variants: proves the script (not evidence)
+
+``--jobs N`` trains N folds at the same time, each in its own process (its log in ``<work-dir>/fold_<k>.log``);
+every run is resumable, so an interrupted grid continues where it stopped, and ``--report-only`` summarises the
+runs finished so far.
 
 Example:
     python benchmarks/pets_fewshot.py --profile cpu        # results in benchmarks/results/pets_fewshot_cpu.*
+    python benchmarks/pets_fewshot.py --profile gpu --jobs 5
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +41,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     'cpu': dict(img_size=96, epochs=4, folds=5, seeds=[0], batch_size=32,
                 variants=['none', 'timm_default', 'head_only', 'branch_only', 'recommended',
                           'branch_before_last_conv', 'branch_after_add']),
-    'gpu': dict(img_size=224, epochs=15, folds=5, seeds=[0, 1, 2], batch_size=32,
+    # recipe: overrides of RECIPE for this profile only (bf16 autocast for the GPU's tensor cores; a checkpoint
+    # every 5 epochs: 40 runs x 15 epochs of 300 MB checkpoints would spend more time writing than training)
+    'gpu': dict(img_size=224, epochs=15, folds=5, seeds=[0], batch_size=32,
+                recipe=dict(mixed_precision='bf16', checkpoint_every=5),
                 variants=['none', 'timm_default', 'head_only', 'branch_only', 'recommended',
                           'branch_before_last_conv', 'branch_after_add', 'branch_start']),
     # the budget question: the cpu profile's size and recipe, 2.5x the epochs, the two variants that matter most
@@ -87,13 +97,55 @@ def make_folds(data_dir: str | Path, work_dir: str | Path, folds: int) -> list[P
     return out
 
 
+def _fold_grid_argv(profile: str, work_dir: Path, fold: int, variants: Sequence[str], folds: int,
+                    seeds: Sequence[int]) -> list[str]:
+    return ['--profile', profile, '--work-dir', str(work_dir.resolve()), '--train-fold', str(fold), '--folds', str(folds),
+            '--variants', *variants, '--seeds', *map(str, seeds)]
+
+
+def train_folds_in_parallel(profile: str, work_dir: Path, variants: Sequence[str], folds: int, seeds: Sequence[int],
+                            jobs: int) -> list[int]:
+    """Train every fold in its own process, ``jobs`` at a time (torch threads: the cores divided among them).
+
+    The shared data of the (cached, read-only) folds is made first, here. Returns the folds whose process failed;
+    their finished runs count, and a rerun resumes the rest.
+    """
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    # the repository on the path: a child runs the script file, which an uninstalled checkout must still import
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')]))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONPATH=path)
+    todo, running, failed = list(range(folds)), [], []
+    while todo or running:
+        while todo and len(running) < jobs:
+            k = todo.pop(0)
+            log = open(work_dir / f'fold_{k}.log', 'a')
+            cmd = [sys.executable, str(Path(__file__).resolve()), *_fold_grid_argv(profile, work_dir, k, variants, folds, seeds)]
+            print(f'pets_fewshot: fold {k + 1}/{folds} started (log {log.name})', flush=True)
+            running.append((k, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT),
+                            log))
+        time.sleep(1)
+        for item in list(running):
+            k, proc, log = item
+            if proc.poll() is not None:
+                running.remove(item)
+                log.close()
+                print(f"pets_fewshot: fold {k + 1}/{folds} "
+                      f"{'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode}, see {log.name})'}",
+                      flush=True)
+                if proc.returncode != 0:
+                    failed.append(k)
+    return failed
+
+
 def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights: Path,
         variants: Sequence[str] | None = None, folds: int | None = None, seeds: Sequence[int] | None = None,
-        argv: Sequence[str] | None = None, report_only: bool = False) -> dict[str, Any]:
+        argv: Sequence[str] | None = None, report_only: bool = False, jobs: int = 1,
+        train_fold: int | None = None) -> dict[str, Any] | None:
     """Train the grid (resuming finished runs) and write ``<out_prefix>.json``, ``.md`` and ``.png``.
 
     With ``report_only`` nothing is trained: the runs finished so far are summarised, and the result is labelled
-    partial when some are missing.
+    partial when some are missing. ``jobs > 1`` trains that many folds at once in child processes;
+    ``train_fold`` (what each child runs) trains that one fold and writes no report.
     """
     from finetune.bench import VARIANTS, run_bench, summarize_runs
     from finetune.config import TrainConfig
@@ -105,12 +157,21 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
     fold_dirs = make_folds(data_dir, work_dir / 'folds', folds)
     base = TrainConfig(dataset='imagefolder', model='resnet50', pretrained_file=str(weights), v1_strides=True,
                        img_size=p['img_size'], epochs=p['epochs'], batch_size=p['batch_size'], log_with='none',
-                       cache_dir=str(work_dir / 'cache'), **RECIPE)
+                       cache_dir=str(work_dir / 'cache'), **{**RECIPE, **p.get('recipe', {})})
+    if train_fold is not None:
+        if not 0 <= train_fold < folds:
+            raise SystemExit(f'--train-fold {train_fold} is not among the {folds} folds (0..{folds - 1})')
+        run_bench(base.replace(data_dir=str(fold_dirs[train_fold]), output_dir=str(work_dir / f'fold_{train_fold}')),
+                  variants, seeds, baseline=BASELINE)
+        return None
+    failed = []
+    if jobs > 1 and not report_only:
+        failed = train_folds_in_parallel(profile, work_dir, variants, folds, seeds, jobs)
     runs: dict[str, dict[int, dict]] = {}
     missing = 0
     for k, fold_dir in enumerate(fold_dirs):
         cfg = base.replace(data_dir=str(fold_dir), output_dir=str(work_dir / f'fold_{k}'))
-        if not report_only:
+        if not report_only and jobs <= 1:
             print(f'pets_fewshot: fold {k + 1}/{folds}', flush=True)
             run_bench(cfg, variants, seeds, baseline=BASELINE)
         for name in variants:
@@ -124,8 +185,10 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
         raise SystemExit(f'no finished {BASELINE!r} run under {work_dir}: nothing to compare yet')
     setup = dict(model='resnet50 (ImageNet weights of shared/weights/resnet50_keras_in1k, v1 strides)',
                  dataset=f'pets370, {folds} stratified folds over all 370 images', data_dir=str(data_dir),
-                 epochs=p['epochs'], img_size=p['img_size'], seeds=seeds, folds=folds,
+                 epochs=p['epochs'], img_size=p['img_size'], seeds=seeds, folds=folds, jobs=jobs,
                  pairing='unit = (fold, seed); key = fold * 1000 + seed', config=base.to_dict())
+    if failed:
+        setup['failed_folds'] = failed
     results = summarize_runs(runs, BASELINE, {k: v[1] for k, v in VARIANTS.items()}, setup)
     # with --report-only this process trained nothing: the runs' own wall times are what the grid cost
     runs_wall = sum(m['wall_seconds'] for by_unit in runs.values() for m in by_unit.values())
@@ -141,8 +204,10 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
     header = (f"# pets370 few-shot fine-tuning ({profile} profile)\n\n"
               f"{setup['model']}; {setup['dataset']}; {p['epochs']} epochs at {p['img_size']} px, seeds {seeds}; "
               f"pairs = (fold, seed).\n\nCommand: `{meta['command']}`  \n"
-              f"Machine: {meta['machine'].get('processor', '')} "
-              f"({meta['machine'].get('cpu_count', '?')} cores), torch {meta['machine'].get('torch', '')}  \n"
+              f"Machine: {meta['machine'].get('processor', '')} ({meta['machine'].get('cpu_count', '?')} cores)"
+              + (f", GPU {meta['machine']['cuda_device']}" if meta['machine'].get('cuda_device') else '')
+              + f", torch {meta['machine'].get('torch', '')}; mixed precision {base.mixed_precision}; "
+              f"{jobs} fold(s) at a time  \n"
               f"Date: {meta['date_utc']}; the finished runs took {runs_wall / 60:.1f} min of wall time in all\n"
               + (f'\n**{label}**\n' if label else '') + '\n')
     write_bench_report(out_prefix, header, results, unit='(fold, seed)')
@@ -157,17 +222,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--folds', type=int)
     parser.add_argument('--seeds', type=int, nargs='+')
     parser.add_argument('--work-dir', default=None, help='runs and caches (default runs/pets_fewshot_<profile>)')
+    parser.add_argument('--jobs', type=int, default=1,
+                        help='folds trained at the same time, each in its own process (default 1)')
+    parser.add_argument('--train-fold', type=int, default=None, help=argparse.SUPPRESS)  # what a --jobs child runs
     parser.add_argument('--report-only', action='store_true',
                         help='summarise the finished runs without training (partial results are labelled)')
     parser.add_argument('--out', default=None,
                         help='result prefix (default benchmarks/results/pets_fewshot_<profile>)')
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error('--jobs must be >= 1')
     shared = shared_dir()
     work = Path(args.work_dir or REPO_ROOT / 'runs' / f'pets_fewshot_{args.profile}')
     out = Path(args.out or REPO_ROOT / 'benchmarks' / 'results' / f'pets_fewshot_{args.profile}')
     out.parent.mkdir(parents=True, exist_ok=True)
     run(args.profile, work, out, shared / 'data' / 'pets370', shared / 'weights' / 'resnet50_keras_in1k',
-        args.variants, args.folds, args.seeds, argv, report_only=args.report_only)
+        args.variants, args.folds, args.seeds, argv, report_only=args.report_only, jobs=args.jobs,
+        train_fold=args.train_fold)
     return 0
 
 

@@ -80,6 +80,7 @@ class TrainConfig:
     resume: str | None = None             # 'auto' = OUT/checkpoints, or a run / checkpoint folder
     log_with: str = 'tensorboard'
     keep_checkpoints: int = 1
+    checkpoint_every: int = 1             # epochs between checkpoints; the last epoch is always saved
     base_model: str | None = None         # Hub id of the starting weights, for the model card
     license: str | None = None
 
@@ -174,6 +175,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help='continue a run: no value = OUT/checkpoints, or a run/checkpoint folder')
     g.add_argument('--log-with', choices=('tensorboard', 'none'), default=d.log_with)
     g.add_argument('--keep-checkpoints', type=int, default=d.keep_checkpoints)
+    g.add_argument('--checkpoint-every', type=int, default=d.checkpoint_every, metavar='EPOCHS',
+                   help='save a checkpoint every N epochs (the last epoch always; a resume redoes the epochs since)')
     g.add_argument('--base-model', default=None, help='Hub id of the starting weights (model card base_model)')
     g.add_argument('--license', default=None, help='license for the model card (default: that of the weights)')
 

@@ -148,6 +148,9 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     t_start = time.time()
     out = Path(cfg.output_dir)
     log_with = None if cfg.log_with == 'none' else cfg.log_with
+    if cfg.checkpoint_every < 1:
+        raise FinetuneError(f'--checkpoint-every {cfg.checkpoint_every}: give the number of epochs between '
+                            'checkpoints, 1 or more (the last epoch is always saved)')
     if cfg.dynamo_backend is not None and cfg.dynamo_backend.upper() not in DynamoBackend.__members__:
         raise FinetuneError(f'--dynamo-backend {cfg.dynamo_backend!r} is not a torch dynamo backend accelerate knows; '
                             f"choose one of {', '.join(b.lower() for b in DynamoBackend.__members__)}")
@@ -288,9 +291,10 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
                             step=epoch + 1)
         if main:
             write_history(out, history)
-        save_checkpoint(accelerator, out, epoch, dict(epoch=epoch, global_step=global_step, history=history,
-                                                      signature=signature, config=cfg.to_dict()),
-                        keep=cfg.keep_checkpoints)
+        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            save_checkpoint(accelerator, out, epoch, dict(epoch=epoch, global_step=global_step, history=history,
+                                                          signature=signature, config=cfg.to_dict()),
+                            keep=cfg.keep_checkpoints)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
             accelerator.end_training()
             raise _StopForTest(f'stopped after epoch {epoch + 1}')

@@ -19,6 +19,7 @@ import _common  # noqa: E402
 import cifar10  # noqa: E402
 import data_paths  # noqa: E402
 import module_tests  # noqa: E402
+import pets_fewshot  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -190,3 +191,31 @@ def test_data_paths_smoke_pairs_the_arms_and_skips_finished_runs(tmp_path, share
     stamp = (tmp_path / 'work' / 'pil' / 'seed_0' / 'metrics.json').stat().st_mtime_ns
     assert data_paths.main(argv) == 0
     assert (tmp_path / 'work' / 'pil' / 'seed_0' / 'metrics.json').stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------- pets_fewshot.py
+
+def test_pets_fewshot_folds_in_parallel_pair_by_fold_and_resume(tmp_path, shared_path):
+    shared_path('data', 'pets370')
+    shared_path('weights', 'resnet50_keras_in1k')
+    work, out = tmp_path / 'work', tmp_path / 'pf'
+    argv = ['--profile', 'smoke', '--jobs', '2', '--work-dir', str(work), '--out', str(out)]
+    assert pets_fewshot.main(argv) == 0
+    r = json.loads(out.with_suffix('.json').read_text())
+    _check_meta(r, out.with_suffix('.json'))
+    assert r['meta']['label'].startswith('smoke') and r['setup']['jobs'] == 2 and 'failed_folds' not in r['setup']
+    # one process per fold, each with its own log; the unit is (fold, seed): two folds x seed 0
+    assert sorted(p.name for p in work.glob('fold_*.log')) == ['fold_0.log', 'fold_1.log']
+    assert r['comparisons']['recommended']['n'] == 2
+    assert sorted(r['variants']['none']['seeds']) == ['0', '1000']
+    # the folds hold different validation images, together all 370 exactly once
+    vals = [sorted(q.name for q in (work / 'folds' / f'fold_{k}' / 'val').rglob('*.jpg')) for k in range(2)]
+    assert len(vals[0]) + len(vals[1]) == 370 and not set(vals[0]) & set(vals[1])
+    cfg = json.loads((work / 'fold_1' / 'runs' / 'recommended' / 'seed_0' / 'config.json').read_text())
+    assert cfg['data_dir'].endswith('fold_1') and cfg['mixed_precision'] == 'no' and cfg['img_size'] == 48
+    # a second call finds every run finished and only reports
+    stamp = (work / 'fold_0' / 'runs' / 'none' / 'seed_0' / 'metrics.json').stat().st_mtime_ns
+    assert pets_fewshot.main(argv) == 0
+    assert (work / 'fold_0' / 'runs' / 'none' / 'seed_0' / 'metrics.json').stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit):
+        pets_fewshot.main(['--profile', 'smoke', '--work-dir', str(work), '--train-fold', '2'])

@@ -110,6 +110,19 @@ def test_compiled_model_exports_plain_weights(tiny_pets, tmp_path):
     assert (logits.argmax(1) == targets).float().mean().item() == pytest.approx(metrics['top1'], abs=1e-6)
 
 
+def test_checkpoint_every_saves_every_nth_and_the_last_epoch(tiny_pets, tmp_path):
+    from finetune.errors import FinetuneError
+    out = tmp_path / 'sparse'
+    train(tiny_cfg(tiny_pets, out, epochs=3, checkpoint_every=2, keep_checkpoints=5, log_with='none'))
+    ckpts = out / 'checkpoints'
+    # epochs 2 and 3 (folders are named by 0-based epoch index); epoch 1 was not saved
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ['epoch_0001', 'epoch_0002']
+    assert (ckpts / 'LATEST').read_text().strip() == 'epoch_0002'
+    with pytest.raises(FinetuneError, match='--checkpoint-every 0'):
+        train(tiny_cfg(tiny_pets, tmp_path / 'never', checkpoint_every=0))
+    assert not (tmp_path / 'never').exists()
+
+
 @pytest.mark.parametrize('fast', [True, False], ids=['fastdata', 'pil'])
 def test_corrupt_images_are_skipped_and_counted(tiny_pets, tmp_path, fast):
     data = tmp_path / 'data'
