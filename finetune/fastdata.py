@@ -58,7 +58,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -274,9 +274,15 @@ def build_cache(
             if num_workers > 1:
                 # fork keeps startup cheap; the workers only run PIL/numpy, never torch
                 ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()
-                with ctx.Pool(num_workers) as pool:
-                    results = pool.imap(_load_or_none, jobs, chunksize=max(1, min(16, n // (4 * num_workers))))
+                pool = ProcessPoolExecutor(num_workers, mp_context=ctx)
+                try:
+                    results = pool.map(_load_or_none, jobs, chunksize=max(1, min(16, n // (4 * num_workers))))
                     _append(f, results, kept, offsets, shapes, n, progress)
+                finally:
+                    # on an interrupt: drop the chunks not started, let the running ones finish. Killing workers
+                    # (multiprocessing.Pool.terminate) can leave the result queue's lock held by a dead worker,
+                    # and the shutdown then hangs for ever; the test of an interrupted build hit that.
+                    pool.shutdown(wait=True, cancel_futures=True)
             else:
                 _append(f, map(_load_or_none, jobs), kept, offsets, shapes, n, progress)
         if not kept:
