@@ -30,10 +30,15 @@ Usage::
 
     python benchmarks/cifar10.py --profile cpu-smoke
     python benchmarks/cifar10.py --profile gpu            # needs CUDA
+    python benchmarks/cifar10.py --merge a.json b.json --name cifar10_gpu   # seeds run in separate calls
+
+``--merge`` combines result files of one profile and recipe (e.g. seed 0 in one call and seed 1 in another, the
+same epochs per model) into one result, with every source's command, date, machine and wall time.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -344,8 +349,74 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_RECIPE_KEYS = ('batch_size', 'lr', 'momentum', 'weight_decay', 'augmentation', 'normalize', 'amp_bf16',
+                'branch_rate', 'head_rate', 'n_train', 'n_test', 'train_subset', 'test_subset')
+
+
+def merge_results(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Combine result files of one profile and recipe into one payload (runs re-summarized, sources recorded).
+
+    Refuses files that differ in profile, data or recipe, that trained a model for different numbers of epochs
+    (their runs could not be paired), or that hold the same (model, variant, seed) twice.
+
+    Example:
+        >>> merged = merge_results(['seed0.json', 'seed1.json'])  # doctest: +SKIP
+        >>> sorted({r['seed'] for r in merged['runs']})  # doctest: +SKIP
+        [0, 1]
+    """
+    if len(paths) < 2:
+        raise SystemExit('--merge needs at least two result files')
+    srcs = []
+    for p in paths:
+        try:
+            srcs.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f'--merge: cannot read {p} as a cifar10 result ({e})') from e
+    first = srcs[0]
+    epochs: dict[str, int] = {}
+    models: dict[str, list[str]] = {}
+    runs: list[dict[str, Any]] = []
+    seen: set[tuple[str, str, int]] = set()
+    for src, p in zip(srcs, paths):
+        for key in ('profile', 'data'):
+            if src.get(key) != first.get(key):
+                raise SystemExit(f'--merge: {p} has {key} {src.get(key)!r}, {paths[0]} has {first.get(key)!r}')
+        for key in _RECIPE_KEYS:
+            if src['settings'].get(key) != first['settings'].get(key):
+                raise SystemExit(f"--merge: {p} has {key} {src['settings'].get(key)!r}, {paths[0]} has "
+                                 f"{first['settings'].get(key)!r}: not the same recipe")
+        for model, e in src['settings']['epochs'].items():
+            if epochs.setdefault(model, e) != e:
+                raise SystemExit(f'--merge: {model} ran {e} epochs in {p} and {epochs[model]} in another file; '
+                                 'runs of different lengths cannot be paired (rerun with --epochs)')
+        for model, variants in src['settings']['models'].items():
+            models.setdefault(model, [])
+            models[model] += [v for v in variants if v not in models[model]]
+        for r in src['runs']:
+            key = (r['model'], r['variant'], r['seed'])
+            if key in seen:
+                raise SystemExit(f'--merge: {key} is in more than one file')
+            seen.add(key)
+            runs.append(r)
+    seeds = sorted({s for src in srcs for s in src['meta']['seeds']})
+    not_run = [f'{m}/{v}/seed{s}' for s in seeds for m, vs in models.items() for v in vs if (m, v, s) not in seen]
+    sources = [{'file': Path(p).name, 'command': src['meta']['command'], 'date_utc': src['meta']['date_utc'],
+                'wall_time_s': src['meta']['wall_time_s'], 'seeds': src['meta']['seeds'], 'label': src['meta'].get('label'),
+                'machine': src['meta']['machine'], 'note': src.get('note'), 'calibration': src.get('calibration')}
+               for src, p in zip(srcs, paths)]
+    settings = dict(first['settings'], models=models, epochs=epochs,
+                    lr_milestones={m: milestones(e) for m, e in epochs.items()},
+                    time_budget_s=[src['settings'].get('time_budget_s') for src in srcs],
+                    data_load_s=[src['settings'].get('data_load_s') for src in srcs])
+    return {'profile': first['profile'], 'data': first['data'], 'settings': settings, 'sources': sources,
+            'paper': PAPER_CIFAR10, 'incomplete': bool(not_run), 'not_run': not_run,
+            'summary': summarize_runs(runs), 'runs': runs}
+
+
 def _markdown(result: dict[str, Any]) -> str:
-    meta, m = result['meta'], result['meta']['machine']
+    meta = result['meta']
+    # a merged result was computed here but trained where its sources ran: name the machine of the runs
+    m = result['sources'][0]['machine'] if result.get('sources') else meta['machine']
     lines = [
         f"# CIFAR-10 from scratch, profile `{result['profile']}`",
         '',
@@ -362,11 +433,18 @@ def _markdown(result: dict[str, Any]) -> str:
         f"- paper, for context only (different model, 164 epochs, original CIFAR-10): {PAPER_CIFAR10['top1']} % "
         f"({PAPER_CIFAR10['model']})",
     ]
+    for src in result.get('sources', []):
+        lines.append(f"- source `{src['file']}`: `{src['command']}`, {src['date_utc']}, {src['wall_time_s']:.0f} s, "
+                     f"seeds {src['seeds']}, GPU {src['machine'].get('cuda_device') or 'none'}"
+                     + (f"; {src['note']}" if src.get('note') else ''))
+    if result.get('note'):
+        lines.append(f"- note: {result['note']}")
     if 'smoke' in (meta.get('label') or ''):
         lines.append('- the verdicts below describe a few dozen training steps on a data subset: they test the '
                      'script, not the dropout placement')
     if result.get('incomplete'):
         lines.append(f"- **incomplete**: time budget reached; not run: {', '.join(result['not_run'])}")
+        lines.append('- a paired difference with n = 1 has no interval: one seed is an observation, not a verdict')
     for model, rows in result['summary'].items():
         lines += ['', f"## {model} ({next(iter(rows.values()))['epochs']} epochs), test top-1 % on the JPEG copy", '',
                   '| variant | mean ± std | per seed | paired diff vs none [95 % CI] | verdict |', '|---|---|---|---|---|']
@@ -426,7 +504,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--profile', choices=sorted(PROFILES), required=True)
+    p.add_argument('--profile', choices=sorted(PROFILES), default=None, help='required unless --merge')
+    p.add_argument('--merge', nargs='+', type=Path, default=None, metavar='JSON',
+                   help='combine these result files (same profile, recipe and epochs) into --name; trains nothing')
+    p.add_argument('--note', default=None, help='free text stored with the result (e.g. what shared the machine)')
     p.add_argument('--epochs', type=int, default=None, help="override the profile's epochs ('auto' in gpu)")
     p.add_argument('--seeds', type=int, nargs='+', default=None)
     p.add_argument('--models', nargs='+', default=None, help='restrict to these models of the profile')
@@ -447,7 +528,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument('--name', default=None, help='output stem (default cifar10_<profile>)')
     p.add_argument('--threads', type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy shared machine)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.profile is None and not args.merge:
+        p.error('--profile is required (or --merge FILES to combine results)')
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -458,6 +542,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ...           '--test-subset', '128', '--out-dir', '/tmp/c10'])  # doctest: +SKIP
     """
     args = parse_args(argv)
+    if args.merge:
+        payload = merge_results(args.merge)
+        if args.note:
+            payload['note'] = args.note
+        src_seeds = sorted({r['seed'] for r in payload['runs']})
+        return _write(payload, args, argv, seeds=src_seeds, started=_common.utc_now(),
+                      wall=sum(s['wall_time_s'] for s in payload['sources']), label=payload['sources'][0]['label'],
+                      name=args.name or f"cifar10_{payload['profile']}")
     if args.threads:
         torch.set_num_threads(args.threads)  # recorded in the result's machine info
     prof = dict(PROFILES[args.profile])
@@ -535,15 +627,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         'summary': summarize_runs(runs),
         'runs': runs,
     }
+    if args.note:
+        payload['note'] = args.note
+    return _write(payload, args, argv, seeds=seeds, started=started, wall=time.time() - t0, label=prof.get('label'),
+                  name=args.name or f'cifar10_{args.profile}')
+
+
+def _write(payload: dict[str, Any], args: argparse.Namespace, argv: Sequence[str] | None, seeds: list[int],
+           started: str, wall: float, label: str | None, name: str) -> dict[str, Any]:
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / (args.name or f'cifar10_{args.profile}')
+    stem = args.out_dir / name
     result = _common.write_result(stem.with_suffix('.json'), payload, seeds=seeds, started_at=started,
-                                  wall_time_s=time.time() - t0, label=prof.get('label'),
+                                  wall_time_s=wall, label=label,
                                   command=_common.command_line(argv, script='benchmarks/cifar10.py'))
     stem.with_suffix('.md').write_text(_markdown(result))
-    if runs:
+    if payload['runs']:
         plot(result, stem.with_suffix('.png'))
-    print(f'[cifar10] wrote {stem}.json/.md/.png ({time.time() - t0:.0f} s)', flush=True)
+    print(f'[cifar10] wrote {stem}.json/.md/.png ({wall:.0f} s)', flush=True)
     return result
 
 

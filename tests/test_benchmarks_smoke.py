@@ -147,6 +147,30 @@ def test_cifar10_main_tiny(tmp_path, shared_path):
     assert (tmp_path / 'c10.png').stat().st_size > 0
 
 
+def test_cifar10_merge_equals_one_call_and_refuses_unpairable_files(tmp_path, shared_path):
+    shared_path('data', 'cifar10', 'cifar10-jpeg.npz')
+    common = ['--profile', 'cpu-smoke', '--epochs', '1', '--train-subset', '32', '--test-subset', '32',
+              '--variants', 'head:before_pool', '--out-dir', str(tmp_path)]
+    joint = cifar10.main(common + ['--seeds', '0', '1', '--name', 'joint'])
+    for seed in (0, 1):
+        cifar10.main(common + ['--seeds', str(seed), '--name', f's{seed}'])
+    merged = cifar10.main(['--merge', str(tmp_path / 's0.json'), str(tmp_path / 's1.json'), '--out-dir',
+                           str(tmp_path), '--name', 'merged', '--note', 'two calls'])
+    # seeds run in two calls and merged give the same summary as one call with both seeds (runs are deterministic)
+    assert merged['summary'] == joint['summary'] and not merged['incomplete']
+    assert [s['file'] for s in merged['sources']] == ['s0.json', 's1.json'] and merged['meta']['seeds'] == [0, 1]
+    assert merged['meta']['wall_time_s'] == pytest.approx(sum(s['wall_time_s'] for s in merged['sources']))
+    md = (tmp_path / 'merged.md').read_text()
+    assert 'source `s1.json`' in md and 'note: two calls' in md and (tmp_path / 'merged.png').stat().st_size > 0
+    with pytest.raises(SystemExit, match='more than one file'):
+        cifar10.merge_results([tmp_path / 's0.json', tmp_path / 'joint.json'])
+    cifar10.main(common[:3] + ['2'] + common[4:] + ['--seeds', '1', '--name', 'long'])
+    with pytest.raises(SystemExit, match='cannot be paired'):
+        cifar10.merge_results([tmp_path / 's0.json', tmp_path / 'long.json'])
+    with pytest.raises(SystemExit, match='cannot read'):
+        cifar10.merge_results([tmp_path / 's0.json', tmp_path / 'missing.json'])
+
+
 def test_cifar10_budget_guard_and_calibration(tmp_path, shared_path):
     shared_path('data', 'cifar10', 'cifar10-jpeg.npz')
     assert cifar10.epochs_for_budget(0.01, 100, 2, 1e6, 2, 7) == 7       # a huge budget hits the cap
