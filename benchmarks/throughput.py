@@ -20,7 +20,8 @@ recommended dropout placement (``timm_dropfix.rewrite`` defaults) against the sa
 
 Profiles: ``--quick`` (< 3 min on 2 CPU cores; last line ``loader_speedup=X step_speedup=Y
 dropfix_step_overhead=Z``), default (more repeats), ``--gpu`` (CUDA only, < 5 min on one H100; adds
-preresnet101_dropfix and the measured matmul TFLOP/s for scale). Results go to
+preresnet101_dropfix, the measured matmul TFLOP/s for scale, and the dropout's cost under ``torch.compile``
+with inductor, which can fuse it; ``--dropfix-compile`` sets that backend for any profile). Results go to
 ``benchmarks/results/throughput_<profile>.json`` and ``.md``.
 
 Example::
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import shutil
 import statistics
@@ -68,9 +70,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     # a seconds-long run of every code path (development and tests), not a measurement
     'smoke': dict(sizes=[(64, 2)], loader_batch=8, loader_repeats=1, epoch_images=16, steps=1, chunks=1,
                   dropfix_size=(64, 2), dropfix_pairs=1, memory_sizes=[(64, 2)], models=['resnet50'], workers=1),
+    # dropfix_compile: the dropout cost also under torch.compile with this backend (it can fuse the dropout)
     'gpu': dict(sizes=[(224, 128), (160, 128)], loader_batch=128, loader_repeats=3, epoch_images=2560,
                 steps=15, chunks=2, dropfix_size=(224, 128), dropfix_pairs=20, memory_sizes=[],
-                models=['resnet50', 'preresnet101_dropfix'], workers=8),
+                models=['resnet50', 'preresnet101_dropfix'], workers=8, dropfix_compile='inductor'),
 }
 
 
@@ -282,25 +285,46 @@ def measure_steps(paths: dict[str, tuple], device: torch.device, steps: int, chu
     return {p: {'images_per_s': summary(v)} for p, v in rates.items()}
 
 
-def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int) -> dict[str, Any]:
+def step_peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """CUDA memory a step adds at its peak above what was allocated before it (activations, saved tensors,
+    temporaries): independent of whatever else is resident."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int,
+                         compile_backend: Optional[str] = None) -> dict[str, Any]:
     """Step time of resnet50 without dropout vs with the recommended placement, on the same fixed batch,
     in interleaved pairs (order alternating), both in the toolkit configuration.
 
     The overhead is the median over pairs of ``t_dropfix / t_no_dropout - 1``. On CPU the times are the
     process CPU time of each step (``time.process_time``), which other tenants of a shared machine disturb far
-    less than wall time; wall times are recorded too. On CUDA, synchronized wall time.
+    less than wall time; wall times are recorded too. On CUDA, synchronized wall time, and each step's peak
+    memory above what was resident before it. ``compile_backend``: both models go through ``torch.compile``
+    with that backend first (what ``finetune train --dynamo-backend`` does), which can fuse the dropout into
+    its neighbours.
     """
     torch.manual_seed(0)
     off = make_model('resnet50', device, toolkit=True, dropout=False)
     on = make_model('resnet50', device, toolkit=True, dropout=True)
     on.load_state_dict(off.state_dict())
+    if compile_backend:
+        off, on = torch.compile(off, backend=compile_backend), torch.compile(on, backend=compile_backend)
     trainers = {'no_dropout': Trainer(off, device, True), 'dropfix': Trainer(on, device, True)}
     x = torch.randn(batch, 3, size, size, device=device)  # the step makes it channels_last where the model is
     y = torch.randint(0, 37, (batch,), device=device)
     wall: dict[str, list[float]] = {k: [] for k in trainers}
     cpu: dict[str, list[float]] = {k: [] for k in trainers}
-    for k in trainers:  # warm-up
-        trainers[k].step(x, y)
+    t_warm = time.perf_counter()
+    for _ in range(2 if compile_backend else 1):  # warm-up (the first compiled step compiles)
+        for k in trainers:
+            trainers[k].step(x, y)
+    sync(device)
+    warm_s = time.perf_counter() - t_warm
     for p in range(pairs):
         order = list(trainers) if p % 2 == 0 else list(reversed(trainers))
         for k in order:
@@ -313,11 +337,17 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
     times = cpu if device.type == 'cpu' else wall
     ratios = [b / a - 1.0 for a, b in zip(times['no_dropout'], times['dropfix'])]
     wall_ratios = [b / a - 1.0 for a, b in zip(wall['no_dropout'], wall['dropfix'])]
-    return {'size': size, 'batch': batch, 'timer': 'process CPU time' if device.type == 'cpu' else 'wall (synced)',
-            'step_s': {k: summary(v) for k, v in times.items()},
-            'step_wall_s': {k: summary(v) for k, v in wall.items()},
-            'overhead_per_pair': summary(ratios), 'overhead_median': statistics.median(ratios),
-            'wall_overhead_median': statistics.median(wall_ratios)}
+    out = {'size': size, 'batch': batch, 'timer': 'process CPU time' if device.type == 'cpu' else 'wall (synced)',
+           'compile_backend': compile_backend, 'warmup_s': warm_s,
+           'step_s': {k: summary(v) for k, v in times.items()},
+           'step_wall_s': {k: summary(v) for k, v in wall.items()},
+           'overhead_per_pair': summary(ratios), 'overhead_median': statistics.median(ratios),
+           'wall_overhead_median': statistics.median(wall_ratios)}
+    if device.type == 'cuda':
+        peaks = {k: step_peak_bytes(lambda k=k: trainers[k].step(x, y), device) for k in trainers}
+        out['step_peak_bytes'] = peaks
+        out['step_peak_overhead'] = peaks['dropfix'] / peaks['no_dropout'] - 1.0
+    return out
 
 
 def saved_activation_bytes(model: torch.nn.Module, trainer: Trainer, x, y) -> int:
@@ -432,7 +462,8 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, iters
 
 
 # ----------------------------------------------------------------------------------------------- main
-def run(profile: str, out_dir: Path, seed: int, workers: Optional[int]) -> dict[str, Any]:
+def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
+        dropfix_compile: Optional[str] = None) -> dict[str, Any]:
     prof = dict(PROFILES[profile])
     if workers is not None:
         prof['workers'] = workers
@@ -564,6 +595,13 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int]) -> dict[
         result['dropfix'] = dro
         print(f"dropfix step overhead {dro['overhead_median']:+.3f} (median of {prof['dropfix_pairs']} pairs), "
               f"peak memory {dro['peak_mem_overhead']:+.3f}", flush=True)
+        backend = prof.get('dropfix_compile') if dropfix_compile is None else dropfix_compile
+        if backend and backend != 'none':
+            comp = measure_dropfix_time(dsize, dbatch, device, prof['dropfix_pairs'], compile_backend=backend)
+            dro['compiled'] = comp
+            print(f"dropfix step overhead under torch.compile({backend!r}) {comp['overhead_median']:+.3f}"
+                  + (f", step peak memory {comp['step_peak_overhead']:+.3f}" if 'step_peak_overhead' in comp else '')
+                  + f" (compile and warm-up {comp['warmup_s']:.0f} s)", flush=True)
 
         if device.type == 'cuda' and 'preresnet101_dropfix' in prof['models']:
             r = result['sizes'][0]['steps']['preresnet101_dropfix']['toolkit']['images_per_s']['mean']
@@ -589,12 +627,29 @@ def targets(result: dict[str, Any]) -> dict[str, bool]:
             'dropfix_peak_mem_overhead<=0.05': h['dropfix_peak_mem_overhead'] <= 0.05}
 
 
+def _compiled_lines(d: dict[str, Any]) -> list[str]:
+    c = d.get('compiled')
+    if not c:
+        return []
+    mem = (f"; each step's peak memory above what was resident: {c['step_peak_bytes']['no_dropout'] / 2**20:.0f} vs "
+           f"{c['step_peak_bytes']['dropfix'] / 2**20:.0f} MiB ({c['step_peak_overhead']:+.2%}; eager: "
+           f"{d['step_peak_overhead']:+.2%})" if 'step_peak_overhead' in c else '')
+    return [f"Under `torch.compile(backend={c['compile_backend']!r})`: step {ms(c['step_s']['no_dropout'])} vs "
+            f"{ms(c['step_s']['dropfix'])} s, overhead median {c['overhead_median']:+.2%} over "
+            f"{c['overhead_per_pair']['n']} pairs{mem}; compile and warm-up took {c['warmup_s']:.0f} s.", '']
+
+
+def ms(s: dict) -> str:
+    """``mean ± std (n=N)``, both to the decimals that give the mean 4 significant digits (img/s in the
+    thousands and step times of a few ms alike)."""
+    mean = s['mean']
+    dec = max(0, 3 - math.floor(math.log10(abs(mean)))) if mean else 2
+    return f"{mean:.{dec}f} ± {s['std']:.{dec}f} (n={s['n']})"
+
+
 def to_markdown(res: dict[str, Any]) -> str:
     meta = res['meta']
     mib = 2 ** 20
-
-    def ms(s: dict) -> str:
-        return f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n']})"
 
     lines = [f"# Throughput: cv_example-style baseline vs toolkit data path ({res['profile']})", '',
              f"- command: `{meta['command']}`",
@@ -612,7 +667,9 @@ def to_markdown(res: dict[str, Any]) -> str:
     h = res['headline']
     lines += ['## Headline', '', f"`loader_speedup={h['loader_speedup']:.2f} step_speedup={h['step_speedup']:.2f} "
               f"dropfix_step_overhead={h['dropfix_step_overhead']:.4f}` ({h['at']})", '',
-              '| target | met |', '|---|---|'] + [f'| {k} | {v} |' for k, v in res['targets'].items()] + ['']
+              '| target | met |', '|---|---|'] + [
+                  f"| {k} | {v}{' (a target for the 2-core CPU machine)' if k.startswith('loader') and res['device'] != 'cpu' else ''} |"
+                  for k, v in res['targets'].items()] + ['']
     lines += ['## Loader alone (normalized float batches on the device, augmentation included)', '',
               '| size | batch | baseline img/s | toolkit img/s | speedup | baseline epoch s | toolkit epoch s | '
               'cache build s (once) |', '|---|---|---|---|---|---|---|---|']
@@ -662,6 +719,7 @@ def to_markdown(res: dict[str, Any]) -> str:
               f"{d['wall_overhead_median']:+.2%}). Peak memory overhead "
               f"{d['peak_mem_overhead']:+.2%}" + (f"; saved-activation overhead {d['saved_activation_overhead']:+.2%}"
                                                   if 'saved_activation_overhead' in d else '') + '.', '',
+              ] + _compiled_lines(d) + [
               'CPU peak memory: a fresh process per config runs one training step; peak RSS during it (VmHWM) minus '
               'the RSS right after the imports, i.e. model, gradients, Adam state, batch and activations (the '
               'CPU counterpart of CUDA max_memory_allocated). Loader workers are listed separately (unique memory). '
@@ -676,6 +734,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     g.add_argument('--gpu', action='store_true', help='CUDA profile (< 5 min on one H100)')
     parser.add_argument('--workers', type=int, default=None,
                         help="loader workers of the baseline, and of the toolkit on a GPU (on CPU it crops in-process)")
+    parser.add_argument('--dropfix-compile', default=None, metavar='BACKEND',
+                        help="also measure the dropout's cost under torch.compile with this backend "
+                             "(gpu profile: inductor; 'none' skips it)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out-dir', default=str(RESULTS_DIR))
     parser.add_argument('--note', default=None, help='free text stored with the results (e.g. machine load)')
@@ -689,14 +750,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit('--gpu needs a CUDA device; run --quick or the default profile on CPU')
     profile = 'quick' if args.quick else 'gpu' if args.gpu else 'smoke' if args.smoke else 'default'
     started, t0 = utc_now(), time.perf_counter()
-    result = run(profile, Path(args.out_dir), args.seed, args.workers)
+    result = run(profile, Path(args.out_dir), args.seed, args.workers, args.dropfix_compile)
     result['targets'] = targets(result)
     if args.note:
         result['note'] = args.note
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = write_result(out_dir / f'throughput_{profile}.json', result,
-                           command=command_line(argv), seeds=[args.seed],
+                           command=command_line(argv, 'benchmarks/throughput.py'), seeds=[args.seed],
                            wall_time_s=time.perf_counter() - t0, started_at=started)
     (out_dir / f'throughput_{profile}.md').write_text(to_markdown(written))
     h = result['headline']

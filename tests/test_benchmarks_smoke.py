@@ -20,6 +20,7 @@ import cifar10  # noqa: E402
 import data_paths  # noqa: E402
 import module_tests  # noqa: E402
 import pets_fewshot  # noqa: E402
+import throughput  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -243,3 +244,30 @@ def test_pets_fewshot_folds_in_parallel_pair_by_fold_and_resume(tmp_path, shared
     assert (work / 'fold_0' / 'runs' / 'none' / 'seed_0' / 'metrics.json').stat().st_mtime_ns == stamp
     with pytest.raises(SystemExit):
         pets_fewshot.main(['--profile', 'smoke', '--work-dir', str(work), '--train-fold', '2'])
+
+
+# ---------------------------------------------------------------- throughput.py
+
+def test_throughput_smoke_measures_both_paths_and_the_dropout(tmp_path, shared_path, capsys):
+    shared_path('data', 'pets370')
+    throughput.main(['--smoke', '--out-dir', str(tmp_path), '--dropfix-compile', 'eager'])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    r = json.loads((tmp_path / 'throughput_smoke.json').read_text())
+    h = r['headline']
+    # the contract of the last line: ratios toolkit / baseline and the dropout overhead, as stored
+    assert last == (f"loader_speedup={h['loader_speedup']:.2f} step_speedup={h['step_speedup']:.2f} "
+                    f"dropfix_step_overhead={h['dropfix_step_overhead']:.4f}")
+    assert r['meta']['command'].startswith('python benchmarks/throughput.py') and r['n_source_images'] == 370
+    size = r['sizes'][0]
+    lo = size['loader']
+    assert lo['speedup'] == pytest.approx(lo['toolkit']['images_per_s']['mean'] / lo['baseline']['images_per_s']['mean'])
+    assert lo['baseline']['epoch_images'] == lo['toolkit']['epoch_images'] == 16
+    st = size['steps']['resnet50']
+    assert st['baseline']['images_per_s']['n'] == st['toolkit']['images_per_s']['n'] == 1
+    assert st['train_gflop_per_image'] > 0 and st['toolkit']['memory']['peak_mem'] > 0
+    d = r['dropfix']
+    # dropout saves masks for backward: more saved bytes than the same model without it
+    assert d['memory']['dropfix']['saved_activation_bytes'] > d['memory']['no_dropout']['saved_activation_bytes']
+    assert d['compiled']['compile_backend'] == 'eager' and d['compiled']['overhead_per_pair']['n'] == 1
+    md = (tmp_path / 'throughput_smoke.md').read_text()
+    assert "torch.compile(backend='eager')" in md and '| dropfix |' in md
