@@ -10,7 +10,8 @@ In one run on one machine, with repeats:
     whole images, ``BatchAugment`` (on the GPU, fed by loader workers with pinned memory; on CPU in the training
     process, where the crops are spread over torch's threads: without the decode, handing 4.8 MB batches between
     processes cost more than it saved), channels_last on GPUs, bf16 autocast where it is fast (CUDA with bf16, or
-    a CPU with AMX).
+    a CPU with AMX); with ``device_cache`` (the gpu and smoke profiles) also ``finetune train --cache-on-device``:
+    the whole cache in device memory, the loader draws only indices, batches are gathered on the device.
 
 Measured: images/s of the loader alone (model-ready normalized float batches on the device, augmentation
 included), images/s of whole training steps (loader + forward + backward + optimizer), epoch wall time, peak
@@ -60,6 +61,7 @@ RRC_SCALE = (0.5, 1.0)  # cv_example's RandomResizedCrop scale, used by both pat
 
 # sizes: (img_size, batch) pairs; the first is the headline (224 px). steps: timed steps per chunk,
 # chunks: interleaved baseline/toolkit chunks. dropfix_pairs: interleaved (no dropout, dropout) step pairs.
+# device_cache: also measure the toolkit with the whole cache in device memory (finetune --cache-on-device).
 PROFILES: dict[str, dict[str, Any]] = {
     'quick': dict(sizes=[(224, 4), (96, 8)], loader_batch=32, loader_repeats=3, epoch_images=370,
                   steps=2, chunks=1, dropfix_size=(96, 8), dropfix_pairs=4, memory_sizes=[(96, 8)],
@@ -69,11 +71,12 @@ PROFILES: dict[str, dict[str, Any]] = {
                     memory_sizes=[(224, 16), (128, 16)], models=['resnet50'], workers=2),
     # a seconds-long run of every code path (development and tests), not a measurement
     'smoke': dict(sizes=[(64, 2)], loader_batch=8, loader_repeats=1, epoch_images=16, steps=1, chunks=1,
-                  dropfix_size=(64, 2), dropfix_pairs=1, memory_sizes=[(64, 2)], models=['resnet50'], workers=1),
+                  dropfix_size=(64, 2), dropfix_pairs=1, memory_sizes=[(64, 2)], models=['resnet50'], workers=1,
+                  device_cache=True),
     # dropfix_compile: the dropout cost also under torch.compile with this backend (it can fuse the dropout)
     'gpu': dict(sizes=[(224, 128), (160, 128)], loader_batch=128, loader_repeats=3, epoch_images=2560,
                 steps=15, chunks=2, dropfix_size=(224, 128), dropfix_pairs=20, memory_sizes=[],
-                models=['resnet50', 'preresnet101_dropfix'], workers=8, dropfix_compile='inductor'),
+                models=['resnet50', 'preresnet101_dropfix'], workers=8, dropfix_compile='inductor', device_cache=True),
 }
 
 
@@ -126,7 +129,8 @@ class _Resampled(Dataset):
         return self.ds[i % len(self.ds)]
 
     def __getitems__(self, idx):
-        return self.ds.__getitems__([i % len(self.ds) for i in idx])
+        idx = [i % len(self.ds) for i in idx]
+        return self.ds.__getitems__(idx) if hasattr(self.ds, '__getitems__') else [self.ds[i] for i in idx]
 
 
 def toolkit_loader(cache_path: Path, img_size: int, batch: int, workers: int, epoch_images: int, seed: int,
@@ -150,6 +154,18 @@ def toolkit_loader(cache_path: Path, img_size: int, batch: int, workers: int, ep
     return loader, aug.to(device)
 
 
+def device_cache_loader(cache_path: Path, img_size: int, batch: int, epoch_images: int, seed: int,
+                        device: torch.device) -> tuple[DataLoader, Callable[..., torch.Tensor]]:
+    """``finetune train --cache-on-device``: the whole cache in device memory, the loader draws indices only."""
+    from finetune.fastdata import BatchAugment, CachedDataset, DeviceCache, IndexDataset
+    cache = DeviceCache(CachedDataset(cache_path), device)
+    ds = IndexDataset(cache.labels)
+    if epoch_images != len(ds):
+        ds = _Resampled(ds, epoch_images)
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return loader, cache.feeding(BatchAugment(img_size, MEAN, STD, train=True, scale=RRC_SCALE).to(device))
+
+
 def to_model_input(path: str, batch, device: torch.device, aug) -> tuple[torch.Tensor, torch.Tensor]:
     """One loader batch -> (normalized float input on the device, labels), as each path's loop does it."""
     if path == 'baseline':  # cv_example: move, then (x - mean) / std on the device
@@ -157,10 +173,10 @@ def to_model_input(path: str, batch, device: torch.device, aug) -> tuple[torch.T
         mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
         return (x - mean) / std, batch['label'].to(device)
-    images, labels, sizes = batch
+    images, labels, *sizes = batch  # toolkit_device batches are (indices, labels)
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     if aug is not None:
-        images = aug(images, sizes)
+        images = aug(images, *sizes)
     return images, labels
 
 
@@ -505,6 +521,14 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
             print(f"[{size}px] loader img/s baseline {lo['baseline']['images_per_s']['mean']:.0f} "
                   f"toolkit {lo['toolkit']['images_per_s']['mean']:.0f} (x{lo['speedup']:.1f})", flush=True)
             del base, tk
+            if prof.get('device_cache'):
+                dl, daug = device_cache_loader(info.path, size, lb, ep, seed, device)
+                lo['toolkit_device'] = measure_loader('toolkit_device', dl, device, daug, prof['loader_repeats'])
+                lo['device_speedup'] = (lo['toolkit_device']['images_per_s']['mean']
+                                        / lo['baseline']['images_per_s']['mean'])
+                print(f"[{size}px] loader img/s toolkit, cache on the device "
+                      f"{lo['toolkit_device']['images_per_s']['mean']:.0f} (x{lo['device_speedup']:.1f})", flush=True)
+                del dl, daug
             gc.collect()
             # whole training steps, per model
             entry['steps'] = {}
@@ -516,11 +540,17 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
                                          Trainer(make_model(name, device, False), device, False))
                 tk, aug = toolkit_loader(info.path, size, batch, prof['workers'], ep, seed, device)
                 paths['toolkit'] = (tk, aug, Trainer(make_model(name, device, True), device, True))
+                if prof.get('device_cache') and name == 'resnet50':
+                    dl, daug = device_cache_loader(info.path, size, batch, ep, seed, device)
+                    paths['toolkit_device'] = (dl, daug, Trainer(make_model(name, device, True), device, True))
                 st = measure_steps(paths, device, prof['steps'], prof['chunks'])
                 for p in st:
                     st[p]['epoch_s_estimate'] = ep / st[p]['images_per_s']['mean']
                 if 'baseline' in st:
                     st['speedup'] = st['toolkit']['images_per_s']['mean'] / st['baseline']['images_per_s']['mean']
+                if 'baseline' in st and 'toolkit_device' in st:
+                    st['device_speedup'] = (st['toolkit_device']['images_per_s']['mean']
+                                            / st['baseline']['images_per_s']['mean'])
                 if device.type == 'cuda':  # peak memory of one more step per path, measured in-process
                     for p, (loader, a, trainer) in paths.items():
                         def one_step(p=p, loader=loader, a=a, trainer=trainer):
@@ -679,12 +709,18 @@ def to_markdown(res: dict[str, Any]) -> str:
                      f"{ms(lo['toolkit']['images_per_s'])} | {lo['speedup']:.2f}x | "
                      f"{ms(lo['baseline']['epoch_s'])} | {ms(lo['toolkit']['epoch_s'])} | "
                      f"{e['cache_build_s']:.1f} |")
+    for e in res['sizes']:
+        if 'toolkit_device' in e['loader']:
+            lo = e['loader']
+            lines.append(f"\nToolkit with the whole cache in {res['device']} memory (`--cache-on-device`), "
+                         f"{e['img_size']} px: {ms(lo['toolkit_device']['images_per_s'])} img/s, "
+                         f"{lo['device_speedup']:.2f}x the baseline.")
     lines += ['', '## Whole training steps (loader + forward + backward + Adam)', '',
               '| size | batch | model | path | img/s | epoch s | peak memory | achieved TFLOP/s |',
               '|---|---|---|---|---|---|---|---|']
     for e in res['sizes']:
         for name, st in e['steps'].items():
-            for p in ('baseline', 'toolkit'):
+            for p in ('baseline', 'toolkit', 'toolkit_device'):
                 if p not in st:
                     continue
                 s = st[p]
@@ -701,7 +737,8 @@ def to_markdown(res: dict[str, Any]) -> str:
                              f"{mem} | {s['achieved_tflops']:.3g} |")
             if 'speedup' in st:
                 lines.append(f"| {e['img_size']} | {e['batch']} | {name} | **speedup** | "
-                             f"**{st['speedup']:.2f}x** | | | |")
+                             f"**{st['speedup']:.2f}x**" + (f" (cache on device: {st['device_speedup']:.2f}x)"
+                                                            if 'device_speedup' in st else '') + " | | | |")
     d = res['dropfix']
     lines += ['', 'Achieved TFLOP/s = img/s x training FLOPs per image (forward + backward, FlopCounterMode); '
               'epoch s is measured on CUDA and estimated (epoch images / img/s) on CPU.']

@@ -41,6 +41,9 @@ class TrainConfig:
     # short side of the cached training images; default img_size / crop_pct, as the eval images (which makes eval
     # exactly timm's transform). Larger values shrink more crops instead of enlarging them (sharper, slower)
     cache_short_side: int | None = None
+    # keep the whole cache in the accelerator's memory: the loader only draws indices and each batch is gathered
+    # on the device (no host reads, padding, pinning or copies); needs memory for the cache
+    cache_on_device: bool = False
     workers: int = 0
     # model
     model: str = 'resnet50'
@@ -127,6 +130,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         '[-2.7, +0.3] over 12 seeds, no significant difference, see README); --no-fast-data: timm\'s '
                         'per-image PIL transforms')
     g.add_argument('--cache-dir', default=None)
+    g.add_argument('--cache-on-device', action='store_true',
+                   help='hold the whole fast-data cache in GPU memory and gather each batch there (the host only '
+                        'draws indices); for datasets that fit, e.g. Pets: about 250 KB an image at 224 px')
     g.add_argument('--cache-short-side', type=int, default=None, metavar='PX',
                    help='short side of the cached training images (default img_size / crop_pct); eval images are '
                         'always cached at img_size / crop_pct, identical to timm\'s eval transform')

@@ -87,7 +87,8 @@ def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict,
 
     The one switch point between the fast path (decode-once uint8 cache + batched augmentation) and the
     per-image PIL/timm transforms. Returns (train_loader, eval_loader, train_aug, eval_aug, skipped paths);
-    ``train_aug(images, sizes)`` turns a loader batch into model input on ``device``.
+    ``train_aug(images, *sizes)`` turns a loader batch into model input on ``device`` (with ``cache_on_device``
+    the batch holds image indices and no sizes).
     """
     device = torch.device('cpu') if device is None else device
     img_size = data_config['input_size'][-1]
@@ -112,7 +113,16 @@ def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict,
         eval_aug = fastdata.BatchAugment(img_size, mean, std, train=False, crop_pct=data_config['crop_pct'],
                                          interpolation=interp, channels_last=channels_last)
         train_aug, eval_aug = train_aug.to(device), eval_aug.to(device)
-        if device.type == 'cpu':
+        if cfg.cache_on_device:
+            # the pixels move to the device once; the loader draws (index, label) and the device gathers batches
+            try:
+                caches = [fastdata.DeviceCache(ds, device) for ds in (train_ds, eval_ds)]
+            except MemoryError as e:
+                raise FinetuneError(str(e)) from e
+            train_ds, eval_ds = (fastdata.IndexDataset(c.labels) for c in caches)
+            train_aug, eval_aug = caches[0].feeding(train_aug), caches[1].feeding(eval_aug)
+            train_collate = eval_collate = None
+        elif device.type == 'cpu':
             # crops are made with the batch, straight from the cache (no padded copy); the loop only normalizes
             train_collate = fastdata.CollateThenTransform(train_aug.resample)
             eval_collate = fastdata.CollateThenTransform(eval_aug.resample)
@@ -148,6 +158,8 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     t_start = time.time()
     out = Path(cfg.output_dir)
     log_with = None if cfg.log_with == 'none' else cfg.log_with
+    if cfg.cache_on_device and not cfg.fast_data:
+        raise FinetuneError('--cache-on-device keeps the fast-data cache on the device: drop --no-fast-data')
     if cfg.checkpoint_every < 1:
         raise FinetuneError(f'--checkpoint-every {cfg.checkpoint_every}: give the number of epochs between '
                             'checkpoints, 1 or more (the last epoch is always saved)')

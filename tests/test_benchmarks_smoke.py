@@ -265,6 +265,10 @@ def test_throughput_smoke_measures_both_paths_and_the_dropout(tmp_path, shared_p
     st = size['steps']['resnet50']
     assert st['baseline']['images_per_s']['n'] == st['toolkit']['images_per_s']['n'] == 1
     assert st['train_gflop_per_image'] > 0 and st['toolkit']['memory']['peak_mem'] > 0
+    # the smoke profile also runs the --cache-on-device path (loader of indices, batches gathered from memory)
+    assert lo['toolkit_device']['epoch_images'] == 16 and st['toolkit_device']['images_per_s']['mean'] > 0
+    assert st['device_speedup'] == pytest.approx(st['toolkit_device']['images_per_s']['mean']
+                                                 / st['baseline']['images_per_s']['mean'])
     d = r['dropfix']
     # dropout saves masks for backward: more saved bytes than the same model without it
     assert d['memory']['dropfix']['saved_activation_bytes'] > d['memory']['no_dropout']['saved_activation_bytes']

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.fastdata import (BatchAugment, CachedDataset, build_cache, collate_padded, default_short_side,
+from finetune.fastdata import (BatchAugment, CachedDataset, DeviceCache, IndexDataset, build_cache, collate_padded,
+                               default_short_side,
                                load_and_resize, make_fast_loader)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -414,3 +415,27 @@ def test_bicubic_crops_are_sharper_than_bilinear():
         assert cub.min() >= 0 and cub.max() <= 255  # overshoot is clipped
     with pytest.raises(ValueError, match='interpolation'):
         BatchAugment(32, interpolation='lanczos', **kw)
+
+
+def test_device_cache_batches_equal_collate_padded(tmp_path):
+    """The gathered batch is the host route's padded batch, byte for byte (edge ring and zeros included), in the
+    same channels_last layout, for batches of mixed sizes, repeats and a single image."""
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(9):
+        h, w = (int(v) for v in rng.integers(20, 70, 2))
+        path = tmp_path / f'{i}.png'
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        samples.append((str(path), i % 4))
+    ds = CachedDataset(build_cache(samples, 24, tmp_path / 'cache', num_workers=0).path)
+    cache = DeviceCache(ds, 'cpu')
+    assert len(cache) == 9 and cache.labels == ds.labels
+    for idx in ([0, 1, 2, 3], [8, 3, 3, 5, 7], [4]):
+        images, labels, sizes = collate_padded(ds.__getitems__(idx))
+        gathered, hw = cache.batch(torch.tensor(idx))
+        assert torch.equal(gathered, images) and torch.equal(hw, sizes)
+        assert gathered.is_contiguous(memory_format=torch.channels_last)
+    # the loader's side: indices and labels only
+    assert IndexDataset(ds.labels)[5] == (5, ds.labels[5]) and len(IndexDataset(ds.labels)) == 9
+    aug = BatchAugment(16, MEAN, STD, train=False)
+    assert torch.equal(cache.feeding(aug)(torch.tensor([0, 1])), aug(*collate_padded(ds.__getitems__([0, 1]))[::2]))

@@ -110,6 +110,23 @@ def test_compiled_model_exports_plain_weights(tiny_pets, tmp_path):
     assert (logits.argmax(1) == targets).float().mean().item() == pytest.approx(metrics['top1'], abs=1e-6)
 
 
+def test_cache_on_device_trains_exactly_like_the_host_cache(tiny_pets, tmp_path):
+    """--cache-on-device gathers padded batches from a cache in device memory (here the CPU); the crops, the
+    random draws and so every loss must equal the default route's, which crops on the host. (No dropout here:
+    accelerate's loader fetches one batch ahead, so on the host route the next batch's crop draws come before
+    this step's dropout masks, on the device route after them; without dropout the draws are the same.)"""
+    from finetune.errors import FinetuneError
+    runs = {}
+    for on_device in (False, True):
+        cfg = tiny_cfg(tiny_pets, tmp_path / f'dev{int(on_device)}', cache_on_device=on_device, log_with='none')
+        runs[on_device] = train(cfg)
+    assert [h['train_loss'] for h in runs[True]['history']] == [h['train_loss'] for h in runs[False]['history']]
+    for k in FINAL_KEYS:
+        assert runs[True][k] == runs[False][k], k
+    with pytest.raises(FinetuneError, match='drop --no-fast-data'):
+        train(tiny_cfg(tiny_pets, tmp_path / 'pil', cache_on_device=True, fast_data=False))
+
+
 def test_checkpoint_every_saves_every_nth_and_the_last_epoch(tiny_pets, tmp_path):
     from finetune.errors import FinetuneError
     out = tmp_path / 'sparse'
