@@ -401,7 +401,8 @@ def merge_results(paths: Sequence[str | Path]) -> dict[str, Any]:
     seeds = sorted({s for src in srcs for s in src['meta']['seeds']})
     not_run = [f'{m}/{v}/seed{s}' for s in seeds for m, vs in models.items() for v in vs if (m, v, s) not in seen]
     sources = [{'file': Path(p).name, 'command': src['meta']['command'], 'date_utc': src['meta']['date_utc'],
-                'wall_time_s': src['meta']['wall_time_s'], 'seeds': src['meta']['seeds'], 'label': src['meta'].get('label'),
+                'wall_time_s': src['meta']['wall_time_s'], 'seeds': src['meta']['seeds'],
+                'label': src['meta'].get('label'),
                 'machine': src['meta']['machine'], 'note': src.get('note'), 'calibration': src.get('calibration')}
                for src, p in zip(srcs, paths)]
     settings = dict(first['settings'], models=models, epochs=epochs,

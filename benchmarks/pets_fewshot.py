@@ -99,16 +99,20 @@ def make_folds(data_dir: str | Path, work_dir: str | Path, folds: int) -> list[P
 
 def _fold_grid_argv(profile: str, work_dir: Path, fold: int, variants: Sequence[str], folds: int,
                     seeds: Sequence[int]) -> list[str]:
-    return ['--profile', profile, '--work-dir', str(work_dir.resolve()), '--train-fold', str(fold), '--folds', str(folds),
-            '--variants', *variants, '--seeds', *map(str, seeds)]
+    return ['--profile', profile, '--work-dir', str(work_dir.resolve()), '--train-fold', str(fold),
+            '--folds', str(folds), '--variants', *variants, '--seeds', *map(str, seeds)]
 
 
 def train_folds_in_parallel(profile: str, work_dir: Path, variants: Sequence[str], folds: int, seeds: Sequence[int],
                             jobs: int) -> list[int]:
     """Train every fold in its own process, ``jobs`` at a time (torch threads: the cores divided among them).
 
-    The shared data of the (cached, read-only) folds is made first, here. Returns the folds whose process failed;
-    their finished runs count, and a rerun resumes the rest.
+    The fold folders must exist (:func:`make_folds`). Returns the folds whose process failed; their finished runs
+    count, and a rerun resumes the rest.
+
+    Example:
+        >>> train_folds_in_parallel('gpu', Path('runs/pf'), ['none', 'recommended'], 5, [0], jobs=5)  # doctest: +SKIP
+        []
     """
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     # the repository on the path: a child runs the script file, which an uninstalled checkout must still import
@@ -119,7 +123,8 @@ def train_folds_in_parallel(profile: str, work_dir: Path, variants: Sequence[str
         while todo and len(running) < jobs:
             k = todo.pop(0)
             log = open(work_dir / f'fold_{k}.log', 'a')
-            cmd = [sys.executable, str(Path(__file__).resolve()), *_fold_grid_argv(profile, work_dir, k, variants, folds, seeds)]
+            cmd = [sys.executable, str(Path(__file__).resolve()),
+                   *_fold_grid_argv(profile, work_dir, k, variants, folds, seeds)]
             print(f'pets_fewshot: fold {k + 1}/{folds} started (log {log.name})', flush=True)
             running.append((k, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT),
                             log))

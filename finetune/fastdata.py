@@ -524,7 +524,13 @@ class DeviceCache:
 
 
 class IndexDataset(Dataset):
-    """``dataset[i] -> (i, label)``: what the loader draws when the pixels live in a :class:`DeviceCache`."""
+    """``dataset[i] -> (i, label)``: what the loader draws when the pixels live in a :class:`DeviceCache`.
+
+    Example::
+
+        >>> IndexDataset([3, 1, 4])[2]
+        (2, 4)
+    """
 
     def __init__(self, labels: Sequence[int]):
         self.labels = list(labels)

@@ -260,7 +260,8 @@ def test_throughput_smoke_measures_both_paths_and_the_dropout(tmp_path, shared_p
     assert r['meta']['command'].startswith('python benchmarks/throughput.py') and r['n_source_images'] == 370
     size = r['sizes'][0]
     lo = size['loader']
-    assert lo['speedup'] == pytest.approx(lo['toolkit']['images_per_s']['mean'] / lo['baseline']['images_per_s']['mean'])
+    rates = {p: lo[p]['images_per_s']['mean'] for p in ('baseline', 'toolkit')}
+    assert lo['speedup'] == pytest.approx(rates['toolkit'] / rates['baseline'])
     assert lo['baseline']['epoch_images'] == lo['toolkit']['epoch_images'] == 16
     st = size['steps']['resnet50']
     assert st['baseline']['images_per_s']['n'] == st['toolkit']['images_per_s']['n'] == 1
