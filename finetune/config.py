@@ -132,7 +132,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--cache-dir', default=None)
     g.add_argument('--cache-on-device', action='store_true',
                    help='hold the whole fast-data cache in GPU memory and gather each batch there (the host only '
-                        'draws indices); for datasets that fit, e.g. Pets: about 250 KB an image at 224 px')
+                        'draws indices); for datasets that fit, e.g. Pets: about 270 KB an image at 224 px')
     g.add_argument('--cache-short-side', type=int, default=None, metavar='PX',
                    help='short side of the cached training images (default img_size / crop_pct); eval images are '
                         'always cached at img_size / crop_pct, identical to timm\'s eval transform')

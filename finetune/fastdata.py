@@ -474,7 +474,7 @@ class DeviceCache:
     ``batch(indices)`` returns what :func:`collate_padded` makes of the same images, ``(uint8 [B, 3, H, W] padded
     batch, [B, 2] sizes)``, built by one gather on the cache's device instead of reading, padding, pinning and
     copying each batch on the host: on a GPU the host side of the data path is gone. It needs memory for the
-    whole cache (``CacheInfo.n_bytes``; pets at 224 px: about 250 KB an image).
+    whole cache (``CacheInfo.n_bytes``; pets at 224 px: about 270 KB an image).
 
     Example::
 
