@@ -34,7 +34,7 @@ RESULTS_DIR = REPO_ROOT / 'benchmarks' / 'results'
 
 __all__ = [
     'REPO_ROOT', 'RESULTS_DIR', 'shared_dir', 'machine_info', 'command_line', 'utc_now', 'write_json',
-    'write_result', 'mean_std', 'student_t_ppf', 'paired_t_interval', 'fmt_pm',
+    'write_result', 'mean_std', 'student_t_ppf', 'paired_t_interval', 'fmt_pm', 'describe_machine',
 ]
 
 
@@ -86,6 +86,18 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         info['timm_dropfix'] = None
     return info
+
+
+def describe_machine(machine: dict[str, Any]) -> str:
+    """One line for a report header from a result's ``meta['machine']``: processor, cores, GPU if any, torch.
+
+    Example:
+        >>> describe_machine({'processor': 'x86_64', 'cpu_count': 2, 'cuda_device': None, 'torch': '2.14.1'})
+        'x86_64 (2 cores), torch 2.14.1'
+    """
+    gpu = f", GPU {machine['cuda_device']}" if machine.get('cuda_device') else ''
+    return (f"{machine.get('processor', '')} ({machine.get('cpu_count', '?')} cores){gpu}, "
+            f"torch {machine.get('torch', '')}")
 
 
 def command_line(argv: Sequence[str] | None = None, script: str | None = None) -> str:
@@ -187,7 +199,7 @@ def write_bench_report(out_prefix: Path, header: str, results: dict[str, Any], u
     """Write ``<out_prefix>.md`` (``header`` + finetune bench's table) and ``.png``, print the text and return it.
 
     Example:
-        >>> write_bench_report(Path('benchmarks/results/x'), '# title\n\n', results, unit='seed')  # doctest: +SKIP
+        >>> write_bench_report(Path('benchmarks/results/x'), '# title\\n\\n', results, unit='seed')  # doctest: +SKIP
     """
     from finetune.bench import plot_results, results_markdown
     text = header + results_markdown(results, heading=False, unit=unit)

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, command_line, shared_dir, utc_now, write_bench_report, write_result  # noqa: E402
+from _common import (REPO_ROOT, command_line, describe_machine, shared_dir, utc_now, write_bench_report,  # noqa: E402
+                     write_result)
 
 PROFILES: dict[str, dict[str, Any]] = {
     'cpu': dict(img_size=160, epochs=6, seeds=list(range(12)), limit_train=None, limit_eval=None),
@@ -177,8 +178,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
               f"{setup['model']}; {setup['dataset']}; {p['epochs']} epochs at {p['img_size']} px, seeds {seeds}; "
               f"pairs = seeds (same batch order and head initialisation in both arms).\n\n"
               f"Command: `{meta['command']}`  \n"
-              f"Machine: {meta['machine'].get('processor', '')} ({meta['machine'].get('cpu_count', '?')} cores), "
-              f"torch {meta['machine'].get('torch', '')}; {jobs} run(s) at a time, {threads} thread(s) each  \n"
+              f"Machine: {describe_machine(meta['machine'])}; {jobs} run(s) at a time, {threads} thread(s) each  \n"
               f"Date: {meta['date_utc']}; run wall time in all: "
               + ', '.join(f'{arm} {s / 60:.1f} min' for arm, s in runs_wall.items()) + '\n'
               + (f'\n**{label}**\n' if label else '') + '\n')

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, command_line, shared_dir, utc_now, write_bench_report, write_result  # noqa: E402
+from _common import (REPO_ROOT, command_line, describe_machine, shared_dir, utc_now, write_bench_report,  # noqa: E402
+                     write_result)
 
 PROFILES: dict[str, dict[str, Any]] = {
     'cpu': dict(img_size=96, epochs=4, folds=5, seeds=[0], batch_size=32,
@@ -209,9 +210,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
     header = (f"# pets370 few-shot fine-tuning ({profile} profile)\n\n"
               f"{setup['model']}; {setup['dataset']}; {p['epochs']} epochs at {p['img_size']} px, seeds {seeds}; "
               f"pairs = (fold, seed).\n\nCommand: `{meta['command']}`  \n"
-              f"Machine: {meta['machine'].get('processor', '')} ({meta['machine'].get('cpu_count', '?')} cores)"
-              + (f", GPU {meta['machine']['cuda_device']}" if meta['machine'].get('cuda_device') else '')
-              + f", torch {meta['machine'].get('torch', '')}; mixed precision {base.mixed_precision}; "
+              f"Machine: {describe_machine(meta['machine'])}; mixed precision {base.mixed_precision}; "
               f"{jobs} fold(s) at a time  \n"
               f"Date: {meta['date_utc']}; the finished runs took {runs_wall / 60:.1f} min of wall time in all\n"
               + (f'\n**{label}**\n' if label else '') + '\n')
