@@ -60,11 +60,11 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # resnet50's pretraine
 RRC_SCALE = (0.5, 1.0)  # cv_example's RandomResizedCrop scale, used by both paths
 
 # sizes: (img_size, batch) pairs; the first is the headline (224 px). steps: timed steps per chunk,
-# chunks: interleaved baseline/toolkit chunks. dropfix_pairs: interleaved (no dropout, dropout) step pairs.
+# chunks: interleaved baseline/toolkit chunks. dropfix_pairs: interleaved rounds of one step per dropout arm.
 # device_cache: also measure the toolkit with the whole cache in device memory (finetune --cache-on-device).
 PROFILES: dict[str, dict[str, Any]] = {
     'quick': dict(sizes=[(224, 4), (96, 8)], loader_batch=32, loader_repeats=3, epoch_images=370,
-                  steps=2, chunks=1, dropfix_size=(96, 8), dropfix_pairs=4, memory_sizes=[(96, 8)],
+                  steps=2, chunks=1, dropfix_size=(96, 8), dropfix_pairs=8, memory_sizes=[(96, 8)],
                   models=['resnet50'], workers=2),
     'default': dict(sizes=[(224, 16), (128, 16)], loader_batch=32, loader_repeats=5, epoch_images=370,
                     steps=3, chunks=2, dropfix_size=(128, 16), dropfix_pairs=8,
@@ -234,22 +234,62 @@ def make_model(name: str, device: torch.device, toolkit: bool, dropout: Optional
 
 class Trainer:
     """One training step as each path writes it (fp32 NCHW; the toolkit: channels_last on CUDA, bf16 autocast
-    where it is fast)."""
+    where it is fast). ``fast_dropout``: timm_dropfix's CPU dropout switch during this trainer's steps (None:
+    the process default)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, toolkit: bool):
+    def __init__(self, model: torch.nn.Module, device: torch.device, toolkit: bool,
+                 fast_dropout: Optional[bool] = None):
         self.model, self.device = model, device
         self.bf16 = toolkit and fast_bf16(device)
         self.channels_last = toolkit and device.type == 'cuda'
+        self.fast_dropout = fast_dropout
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        import timm_dropfix
         if self.channels_last and not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
+        before = timm_dropfix.use_fast_dropout()
+        if self.fast_dropout is not None:
+            timm_dropfix.set_fast_dropout(self.fast_dropout)
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = F.cross_entropy(self.model(x), y)
+            loss.backward()
+        finally:
+            timm_dropfix.set_fast_dropout(before)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+
+class FixedMask(torch.nn.Module):
+    """Stands in for a dropout: multiplies by a mask drawn on first use for each input shape, so a step pays
+    for applying a mask (forward and backward) and for keeping it, but draws no random numbers: the floor
+    of any dropout that is not fused into its neighbours."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.masks: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.shape, x.dtype, x.device, x.is_contiguous())
+        mask = self.masks.get(key)
+        if mask is None:
+            mask = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).div_(1 - self.p)
+            if not x.is_contiguous() and x.dim() == 4:  # the toolkit's channels_last activations on CUDA
+                mask = mask.contiguous(memory_format=torch.channels_last)
+            self.masks[key] = mask
+        return x * mask
+
+
+def with_fixed_masks(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every ``nn.Dropout`` replaced by a :class:`FixedMask` of the same rate."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Dropout:
+                setattr(parent, name, FixedMask(child.p))
+    return model
 
 
 def endless(loader: DataLoader) -> Iterator:
@@ -315,22 +355,31 @@ def step_peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
 def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int,
                          compile_backend: Optional[str] = None) -> dict[str, Any]:
     """Step time of resnet50 without dropout vs with the recommended placement, on the same fixed batch,
-    in interleaved pairs (order alternating), both in the toolkit configuration.
+    in interleaved rounds (order alternating), all in the toolkit configuration.
 
-    The overhead is the median over pairs of ``t_dropfix / t_no_dropout - 1``. On CPU the times are the
+    Arms besides ``no_dropout`` and ``dropfix`` (the default route: timm_dropfix's fast dropout on CPU):
+    ``dropfix_torch_kernel`` (CPU only: the same model on torch's own dropout kernel) and ``mask_only`` (every
+    dropout replaced by a :class:`FixedMask`: what any unfused dropout costs before drawing random numbers).
+    Each arm's overhead is the median over rounds of ``t_arm / t_no_dropout - 1``. On CPU the times are the
     process CPU time of each step (``time.process_time``), which other tenants of a shared machine disturb far
     less than wall time; wall times are recorded too. On CUDA, synchronized wall time, and each step's peak
-    memory above what was resident before it. ``compile_backend``: both models go through ``torch.compile``
-    with that backend first (what ``finetune train --dynamo-backend`` does), which can fuse the dropout into
-    its neighbours.
+    memory above what was resident before it. ``compile_backend``: only ``no_dropout`` and ``dropfix``, both
+    through ``torch.compile`` with that backend first (what ``finetune train --dynamo-backend`` does), which can
+    fuse the dropout into its neighbours.
     """
     torch.manual_seed(0)
     off = make_model('resnet50', device, toolkit=True, dropout=False)
-    on = make_model('resnet50', device, toolkit=True, dropout=True)
-    on.load_state_dict(off.state_dict())
-    if compile_backend:
-        off, on = torch.compile(off, backend=compile_backend), torch.compile(on, backend=compile_backend)
-    trainers = {'no_dropout': Trainer(off, device, True), 'dropfix': Trainer(on, device, True)}
+    models = {'no_dropout': (off, None), 'dropfix': (make_model('resnet50', device, toolkit=True, dropout=True), None)}
+    if not compile_backend:
+        if device.type == 'cpu':
+            models['dropfix_torch_kernel'] = (make_model('resnet50', device, toolkit=True, dropout=True), False)
+        models['mask_only'] = (with_fixed_masks(make_model('resnet50', device, toolkit=True, dropout=True)), None)
+    trainers = {}
+    for k, (m, fast) in models.items():
+        m.load_state_dict(off.state_dict())
+        if compile_backend:
+            m = torch.compile(m, backend=compile_backend)
+        trainers[k] = Trainer(m, device, True, fast_dropout=fast)
     x = torch.randn(batch, 3, size, size, device=device)  # the step makes it channels_last where the model is
     y = torch.randint(0, 37, (batch,), device=device)
     wall: dict[str, list[float]] = {k: [] for k in trainers}
@@ -351,16 +400,21 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
     times = cpu if device.type == 'cpu' else wall
-    ratios = [b / a - 1.0 for a, b in zip(times['no_dropout'], times['dropfix'])]
-    wall_ratios = [b / a - 1.0 for a, b in zip(wall['no_dropout'], wall['dropfix'])]
+
+    def overhead(k: str) -> dict[str, Any]:
+        ratios = [b / a - 1.0 for a, b in zip(times['no_dropout'], times[k])]
+        wall_ratios = [b / a - 1.0 for a, b in zip(wall['no_dropout'], wall[k])]
+        return {'overhead_per_pair': summary(ratios), 'overhead_median': statistics.median(ratios),
+                'wall_overhead_median': statistics.median(wall_ratios)}
+
     out = {'size': size, 'batch': batch, 'timer': 'process CPU time' if device.type == 'cpu' else 'wall (synced)',
            'compile_backend': compile_backend, 'warmup_s': warm_s,
            'step_s': {k: summary(v) for k, v in times.items()},
-           'step_wall_s': {k: summary(v) for k, v in wall.items()},
-           'overhead_per_pair': summary(ratios), 'overhead_median': statistics.median(ratios),
-           'wall_overhead_median': statistics.median(wall_ratios)}
+           'step_wall_s': {k: summary(v) for k, v in wall.items()}, **overhead('dropfix'),
+           'arms': {k: overhead(k) for k in trainers if k not in ('no_dropout', 'dropfix')}}
     if device.type == 'cuda':
-        peaks = {k: step_peak_bytes(lambda k=k: trainers[k].step(x, y), device) for k in trainers}
+        peaks = {k: step_peak_bytes(lambda k=k: trainers[k].step(x, y), device)
+                 for k in ('no_dropout', 'dropfix')}
         out['step_peak_bytes'] = peaks
         out['step_peak_overhead'] = peaks['dropfix'] / peaks['no_dropout'] - 1.0
     return out
@@ -402,7 +456,7 @@ def child_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     loader = it = None
     if cfg['kind'] == 'dropfix':
         model = make_model('resnet50', device, toolkit=True, dropout=cfg['dropout'])
-        trainer = Trainer(model, device, True)
+        trainer = Trainer(model, device, True, fast_dropout=cfg.get('fast_dropout'))
         x = torch.randn(cfg['batch'], 3, cfg['size'], cfg['size'])
         y = torch.randint(0, 37, (cfg['batch'],))
     else:
@@ -606,16 +660,17 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
             mem_key = 'peak_mem_bytes'
         else:
             dro['memory'] = {}
-            for k, flag in (('no_dropout', False), ('dropfix', True)):
-                probes.append((dro['memory'], k, {'kind': 'dropfix', 'dropout': flag, 'size': dsize, 'batch': dbatch}))
+            for k, flag, fast in (('no_dropout', False, None), ('dropfix', True, None),
+                                  ('dropfix_torch_kernel', True, False)):
+                probes.append((dro['memory'], k, {'kind': 'dropfix', 'dropout': flag, 'fast_dropout': fast,
+                                                  'size': dsize, 'batch': dbatch}))
             mem_key = 'peak_mem'
         if probes:
             for (target, key, _), res in zip(probes, run_children([c for _, _, c in probes])):
                 target[key] = res
-            print('memory probes: ' + ', '.join(f"{c.get('path', 'dropfix' if c.get('dropout') else 'no_dropout')}"
-                                                f"@{c['size']}px "
+            print('memory probes: ' + ', '.join(f"{c.get('path', k)}@{c['size']}px "
                                                 f"{r['peak_mem'] / 2**20:.0f} MiB"
-                                                for (_, _, c), r in zip(probes, [t[k] for t, k, _ in probes])),
+                                                for (_, k, c), r in zip(probes, [t[k] for t, k, _ in probes])),
                   flush=True)
         mem = dro['memory']
         dro['peak_mem_overhead'] = mem['dropfix'][mem_key] / mem['no_dropout'][mem_key] - 1.0
@@ -624,7 +679,8 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
                                                 / mem['no_dropout']['saved_activation_bytes'] - 1.0)
         result['dropfix'] = dro
         print(f"dropfix step overhead {dro['overhead_median']:+.3f} (median of {prof['dropfix_pairs']} pairs), "
-              f"peak memory {dro['peak_mem_overhead']:+.3f}", flush=True)
+              f"peak memory {dro['peak_mem_overhead']:+.3f}; "
+              + ', '.join(f"{k} {a['overhead_median']:+.3f}" for k, a in dro['arms'].items()), flush=True)
         backend = prof.get('dropfix_compile') if dropfix_compile is None else dropfix_compile
         if backend and backend != 'none':
             comp = measure_dropfix_time(dsize, dbatch, device, prof['dropfix_pairs'], compile_backend=backend)
@@ -743,20 +799,28 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines += ['', 'Achieved TFLOP/s = img/s x training FLOPs per image (forward + backward, FlopCounterMode); '
               'epoch s is measured on CUDA and estimated (epoch images / img/s) on CPU.']
     lines += ['', f"## Recommended dropout placement vs no dropout (resnet50, {d['size']} px, batch {d['batch']}, "
-              'toolkit config)', '', '| | step s | peak memory | saved activations |', '|---|---|---|---|']
-    for k in ('no_dropout', 'dropfix'):
-        m = d['memory'][k]
+              'toolkit config)', '', '| | step s | overhead (median of rounds) | peak memory | saved activations |',
+              '|---|---|---|---|---|']
+    arms = {'dropfix': d, **d.get('arms', {})}
+    for k in d['step_s']:
+        m = d['memory'].get(k, {})
         pm = m.get('peak_mem_bytes', m.get('peak_mem'))
         sa = f"{m['saved_activation_bytes'] / mib:.0f} MiB" if 'saved_activation_bytes' in m else '-'
-        lines.append(f"| {k} | {ms(d['step_s'][k])} | {pm / mib:.0f} MiB | {sa} |")
+        ov = f"{arms[k]['overhead_median']:+.2%}" if k in arms else '-'
+        lines.append(f"| {k} | {ms(d['step_s'][k])} | {ov} | {f'{pm / mib:.0f} MiB' if pm else '-'} | {sa} |")
     lines += ['', f"Step time measured as {d['timer']}. "
-              f"Overhead: median of paired ratios {d['overhead_median']:+.2%}, mean "
+              f"dropfix overhead: median of paired ratios {d['overhead_median']:+.2%}, mean "
               f"{d['overhead_per_pair']['mean']:+.2%} ± {d['overhead_per_pair']['std']:.2%} "
-              f"over {d['overhead_per_pair']['n']} interleaved pairs (wall-time median "
+              f"over {d['overhead_per_pair']['n']} interleaved rounds (wall-time median "
               f"{d['wall_overhead_median']:+.2%}). Peak memory overhead "
               f"{d['peak_mem_overhead']:+.2%}" + (f"; saved-activation overhead {d['saved_activation_overhead']:+.2%}"
-                                                  if 'saved_activation_overhead' in d else '') + '.', '',
-              ] + _compiled_lines(d) + [
+                                                  if 'saved_activation_overhead' in d else '') + '.', '']
+    if d.get('arms'):
+        lines += ['dropfix runs timm_dropfix\'s default route: on CPU its fast dropout (16 random bits per element); '
+                  'dropfix_torch_kernel is the same model on torch\'s own dropout kernel; mask_only replaces every '
+                  'dropout by a multiply with a mask drawn once, the cost of any dropout that is not fused into its '
+                  'neighbours before it draws a single random number.', '']
+    lines += _compiled_lines(d) + [
               'CPU peak memory: a fresh process per config runs one training step; peak RSS during it (VmHWM) minus '
               'the RSS right after the imports, i.e. model, gradients, Adam state, batch and activations (the '
               'CPU counterpart of CUDA max_memory_allocated). Loader workers are listed separately (unique memory). '

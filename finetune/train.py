@@ -154,7 +154,22 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     """Run one fine-tuning job; returns the final metrics (also in ``OUT/metrics.json``).
 
     ``stop_after_epoch`` is a test hook: raise right after that epoch's checkpoint, as a crash would.
+
+    Example:
+        >>> from finetune.config import TrainConfig
+        >>> cfg = TrainConfig(data_dir='data/pets', model='resnet18', rewrite=True, epochs=1)
+        >>> metrics = train(cfg)  # doctest: +SKIP
     """
+    # timm_dropfix's switch is process-wide: set for this run, then given back (bench runs many in one process)
+    previous = timm_dropfix.use_fast_dropout()
+    timm_dropfix.set_fast_dropout(cfg.fast_dropout)
+    try:
+        return _train(cfg, stop_after_epoch)
+    finally:
+        timm_dropfix.set_fast_dropout(previous)
+
+
+def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
     t_start = time.time()
     out = Path(cfg.output_dir)
     log_with = None if cfg.log_with == 'none' else cfg.log_with
@@ -318,7 +333,8 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     metrics = dict(final, history=history, wall_seconds=time.time() - t_start, train_seconds=train_time,
                    images_per_second=train_images / max(train_time, 1e-9), n_skipped=len(skipped),
                    skipped=skipped, num_processes=accelerator.num_processes,
-                   n_train=n_train, n_eval=n_eval, data_config=_jsonable(data_config))
+                   n_train=n_train, n_eval=n_eval, data_config=_jsonable(data_config),
+                   fast_cpu_dropout=cfg.fast_dropout and accelerator.device.type == 'cpu' and not cfg.dynamo_backend)
     if main:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)  # the exported keys lack _orig_mod.
         info = dict(dropfix=built.dropfix, dropout_summary=str(timm_dropfix.summarize(unwrapped)),

@@ -274,5 +274,9 @@ def test_throughput_smoke_measures_both_paths_and_the_dropout(tmp_path, shared_p
     # dropout saves masks for backward: more saved bytes than the same model without it
     assert d['memory']['dropfix']['saved_activation_bytes'] > d['memory']['no_dropout']['saved_activation_bytes']
     assert d['compiled']['compile_backend'] == 'eager' and d['compiled']['overhead_per_pair']['n'] == 1
+    # on CPU also torch's own dropout kernel and the mask-only floor, each against the same no-dropout steps
+    assert set(d['arms']) == {'dropfix_torch_kernel', 'mask_only'} and d['compiled']['arms'] == {}
+    assert all(a['overhead_per_pair']['n'] == 1 for a in d['arms'].values())
+    assert d['memory']['dropfix_torch_kernel']['saved_activation_bytes'] > 0
     md = (tmp_path / 'throughput_smoke.md').read_text()
-    assert "torch.compile(backend='eager')" in md and '| dropfix |' in md
+    assert "torch.compile(backend='eager')" in md and '| dropfix |' in md and '| mask_only |' in md

@@ -10,6 +10,7 @@ Example:
     >>> model = timm_dropfix.rewrite(timm.create_model('resnet18'), branch_drop_rate=0.1, head_drop_rate=0.2)
 """
 from .blocks import DROPFIX_BLOCKS, is_dropfix_block
+from .fastdrop import fast_dropout, set_fast_dropout, use_fast_dropout
 from .heads import DropfixResNet, DropfixTvResNet, PrePoolDropoutHead, set_v1_strides
 from .positions import BRANCH_POSITIONS, HEAD_POSITIONS, RECOMMENDED_BRANCH, RECOMMENDED_HEAD, list_positions
 from .rewrite import (
@@ -23,5 +24,6 @@ __all__ = [
     'rewrite', 'summarize', 'dropfix_config', 'dropfix_twin', 'list_positions', 'set_v1_strides',
     'BRANCH_POSITIONS', 'HEAD_POSITIONS', 'RECOMMENDED_BRANCH', 'RECOMMENDED_HEAD', 'SUPPORTED_FAMILIES',
     'DropfixSummary', 'UnsupportedModelError', 'PrePoolDropoutHead', 'DropfixResNet', 'DropfixTvResNet',
-    'DropfixResNetV2', 'CifarPreResNet', 'DROPFIX_BLOCKS', 'is_dropfix_block', '__version__',
+    'DropfixResNetV2', 'CifarPreResNet', 'DROPFIX_BLOCKS', 'is_dropfix_block', 'fast_dropout', 'set_fast_dropout',
+    'use_fast_dropout', '__version__',
 ]

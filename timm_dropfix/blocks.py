@@ -4,7 +4,7 @@ Each class here subclasses a timm or torchvision block and only replaces ``forwa
 same order, plus ``self.branch_drop`` (an ``nn.Dropout`` or ``nn.Identity``) at ``self.branch_drop_at``. Swapping an
 existing block's ``__class__`` to its subclass therefore keeps every state_dict key, and in eval mode the output is
 the original's bit for bit. The dropout is a module (not ``F.dropout(training=...)``) so that torch.fx and export do
-not bake the training flag in.
+not bake the training flag in; eager CPU training runs it through :func:`~timm_dropfix.fastdrop.run_dropout`.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from timm.models import resnet as timm_resnet
 from timm.models import resnetv2 as timm_resnetv2
 from torchvision.models import resnet as tv_resnet
 
+from .fastdrop import run_dropout
 from .positions import POSTACT, PREACT
 
 __all__ = ['DropfixBlockMixin', 'DROPFIX_BLOCKS', 'dropfix_block_class', 'is_dropfix_block']
@@ -30,7 +31,7 @@ class DropfixBlockMixin:
 
     def _d(self, x: torch.Tensor, here: str) -> torch.Tensor:
         # branch_drop_at is a plain str, so fx and dynamo specialise on it instead of tracing a branch
-        return self.branch_drop(x) if self.branch_drop_at == here else x
+        return run_dropout(self.branch_drop, x) if self.branch_drop_at == here else x
 
 
 class DropfixPreActBasic(DropfixBlockMixin, timm_resnetv2.PreActBasic):

@@ -15,6 +15,8 @@ from timm.layers import ClassifierHead
 from timm.models.resnet import ResNet
 from torchvision.models.resnet import ResNet as TvResNet
 
+from .fastdrop import run_dropout
+
 __all__ = ['PrePoolDropoutHead', 'DropfixResNet', 'DropfixTvResNet', 'make_head_drop', 'HeadDropMixin',
            'set_v1_strides']
 
@@ -69,7 +71,7 @@ class PrePoolDropoutHead(ClassifierHead):
     """
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x)
+        x = run_dropout(self.drop, x)
         x = self.global_pool(x)
         if pre_logits:
             return self.flatten(x)
@@ -83,7 +85,7 @@ class HeadDropMixin:
     head_drop_at: str = 'none'
 
     def _hd(self, x: torch.Tensor, here: str) -> torch.Tensor:
-        return self.head_drop(x) if self.head_drop_at == here else x
+        return run_dropout(self.head_drop, x) if self.head_drop_at == here else x
 
 
 class DropfixResNet(HeadDropMixin, ResNet):
