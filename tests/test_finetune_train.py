@@ -127,6 +127,25 @@ def test_cache_on_device_trains_exactly_like_the_host_cache(tiny_pets, tmp_path)
         train(tiny_cfg(tiny_pets, tmp_path / 'pil', cache_on_device=True, fast_data=False))
 
 
+def test_fast_dropout_is_the_default_and_switchable_per_run(tiny_pets, tmp_path, rewritten_run):
+    """CPU training draws the dropfix masks with timm_dropfix.fast_dropout unless --no-fast-dropout; the run says
+    which in metrics.json, and the process-wide switch is given back afterwards."""
+    from unittest import mock
+    from timm_dropfix import fastdrop
+    assert rewritten_run[1]['fast_cpu_dropout'] is True
+    before = timm_dropfix.use_fast_dropout()
+    with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as spy:
+        off = train(tiny_cfg(tiny_pets, tmp_path / 'torch_kernel', rewrite=True, epochs=1, fast_dropout=False,
+                             log_with='none'))
+        assert spy.call_count == 0 and off['fast_cpu_dropout'] is False
+        assert timm_dropfix.use_fast_dropout() == before
+        timm_dropfix.set_fast_dropout(False)  # a run's config wins over the process default, and gives it back
+        on = train(tiny_cfg(tiny_pets, tmp_path / 'fast', rewrite=True, epochs=1, log_with='none'))
+        assert spy.call_count > 0 and on['fast_cpu_dropout'] is True
+        assert timm_dropfix.use_fast_dropout() is False
+    timm_dropfix.set_fast_dropout(before)
+
+
 def test_checkpoint_every_saves_every_nth_and_the_last_epoch(tiny_pets, tmp_path):
     from finetune.errors import FinetuneError
     out = tmp_path / 'sparse'
@@ -206,10 +225,10 @@ def test_two_processes_debug_launcher(tiny_pets, tmp_path, cache_on_device):
 
 def test_config_json_roundtrip_and_cli():
     args = build_parser().parse_args(['train', '--model', 'resnet34', '--rewrite', '--head-position', 'after_pool',
-                                      '--img-size', '96', '--no-fast-data', '--resume'])
+                                      '--img-size', '96', '--no-fast-data', '--resume', '--no-fast-dropout'])
     cfg = config_from_args(args)
-    assert (cfg.model, cfg.rewrite, cfg.head_position, cfg.img_size, cfg.fast_data, cfg.resume) == \
-        ('resnet34', True, 'after_pool', 96, False, 'auto')
+    assert (cfg.model, cfg.rewrite, cfg.head_position, cfg.img_size, cfg.fast_data, cfg.resume, cfg.fast_dropout) == \
+        ('resnet34', True, 'after_pool', 96, False, 'auto', False)
     assert TrainConfig.from_json(cfg.to_json()) == cfg
     from finetune import config
     # the CLI lists the positions without importing torch; they must be the plugin's
