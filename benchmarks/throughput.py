@@ -63,7 +63,7 @@ RRC_SCALE = (0.5, 1.0)  # cv_example's RandomResizedCrop scale, used by both pat
 # chunks: interleaved baseline/toolkit chunks. dropfix_pairs: interleaved rounds of one step per dropout arm.
 # device_cache: also measure the toolkit with the whole cache in device memory (finetune --cache-on-device).
 PROFILES: dict[str, dict[str, Any]] = {
-    'quick': dict(sizes=[(224, 4), (96, 8)], loader_batch=32, loader_repeats=3, epoch_images=370,
+    'quick': dict(sizes=[(224, 4), (96, 8)], loader_batch=32, loader_repeats=5, epoch_images=370,
                   steps=2, chunks=1, dropfix_size=(96, 8), dropfix_pairs=8, memory_sizes=[(96, 8)],
                   models=['resnet50'], workers=2),
     'default': dict(sizes=[(224, 16), (128, 16)], loader_batch=32, loader_repeats=5, epoch_images=370,
@@ -298,22 +298,31 @@ def endless(loader: DataLoader) -> Iterator:
 
 
 # ----------------------------------------------------------------------------------------------- measurements
-def measure_loader(path: str, loader: DataLoader, device: torch.device, aug, repeats: int) -> dict[str, Any]:
-    """Epochs of the loader alone (to model-ready input on the device). One untimed warm-up epoch first."""
-    rates, times = [], []
+def measure_loaders(arms: dict[str, tuple[str, DataLoader, Any]], device: torch.device,
+                    repeats: int) -> dict[str, dict[str, Any]]:
+    """Epochs of each loader alone (to model-ready input on the device), interleaved round by round (order
+    alternating) so that every arm meets the same machine conditions. One untimed warm-up epoch each first.
+    ``arms``: name -> (path, loader, batch transform)."""
+    rates: dict[str, list[float]] = {k: [] for k in arms}
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    sizes: dict[str, int] = {}
     for r in range(repeats + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        n = 0
-        for batch in loader:
-            x, _ = to_model_input(path, batch, device, aug)
-            n += x.shape[0]
-        sync(device)
-        dt = time.perf_counter() - t0
-        if r > 0:  # the baseline restarts its workers every epoch anyway; the toolkit's persist
-            rates.append(n / dt)
-            times.append(dt)
-    return {'images_per_s': summary(rates), 'epoch_s': summary(times), 'epoch_images': n}
+        for k in (list(arms) if r % 2 == 0 else list(reversed(arms))):
+            path, loader, aug = arms[k]
+            sync(device)
+            t0 = time.perf_counter()
+            n = 0
+            for batch in loader:
+                x, _ = to_model_input(path, batch, device, aug)
+                n += x.shape[0]
+            sync(device)
+            dt = time.perf_counter() - t0
+            sizes[k] = n
+            if r > 0:  # the baseline restarts its workers every epoch anyway; the toolkit's persist
+                rates[k].append(n / dt)
+                times[k].append(dt)
+    return {k: {'images_per_s': summary(rates[k]), 'epoch_s': summary(times[k]), 'epoch_images': sizes[k]}
+            for k in arms}
 
 
 def measure_steps(paths: dict[str, tuple], device: torch.device, steps: int, chunks: int) -> dict[str, Any]:
@@ -567,22 +576,20 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
             lb, ep = prof['loader_batch'], prof['epoch_images']
             base = baseline_loader(samples, size, lb, prof['workers'], ep, seed)
             tk, aug = toolkit_loader(info.path, size, lb, prof['workers'], ep, seed, device)
-            entry['loader'] = {'batch': lb,
-                               'baseline': measure_loader('baseline', base, device, None, prof['loader_repeats']),
-                               'toolkit': measure_loader('toolkit', tk, device, aug, prof['loader_repeats'])}
-            lo = entry['loader']
+            arms = {'baseline': ('baseline', base, None), 'toolkit': ('toolkit', tk, aug)}
+            if prof.get('device_cache'):
+                dl, daug = device_cache_loader(info.path, size, lb, ep, seed, device)
+                arms['toolkit_device'] = ('toolkit_device', dl, daug)
+            lo = entry['loader'] = {'batch': lb, **measure_loaders(arms, device, prof['loader_repeats'])}
             lo['speedup'] = lo['toolkit']['images_per_s']['mean'] / lo['baseline']['images_per_s']['mean']
             print(f"[{size}px] loader img/s baseline {lo['baseline']['images_per_s']['mean']:.0f} "
                   f"toolkit {lo['toolkit']['images_per_s']['mean']:.0f} (x{lo['speedup']:.1f})", flush=True)
-            del base, tk
-            if prof.get('device_cache'):
-                dl, daug = device_cache_loader(info.path, size, lb, ep, seed, device)
-                lo['toolkit_device'] = measure_loader('toolkit_device', dl, device, daug, prof['loader_repeats'])
+            if 'toolkit_device' in lo:
                 lo['device_speedup'] = (lo['toolkit_device']['images_per_s']['mean']
                                         / lo['baseline']['images_per_s']['mean'])
                 print(f"[{size}px] loader img/s toolkit, cache on the device "
                       f"{lo['toolkit_device']['images_per_s']['mean']:.0f} (x{lo['device_speedup']:.1f})", flush=True)
-                del dl, daug
+            arms = base = tk = dl = daug = None  # the loaders (and a device copy of the cache) go before the steps
             gc.collect()
             # whole training steps, per model
             entry['steps'] = {}
