@@ -82,6 +82,12 @@ def test_keeps_channels_last_and_leaves_other_inputs_to_torch():
         assert torch.equal(ours, F.dropout(x, p, training=True))
     with pytest.raises(ValueError, match=r'\[0, 1\)'):
         timm_dropfix.fast_dropout(x, 1.0)
+    # torch.func transforms wrap tensors in the plain Tensor type: they get F.dropout, which supports them
+    drop = torch.nn.Dropout(0.5)
+    y = torch.func.vmap(lambda t: fastdrop.run_dropout(drop, t), randomness='different')(torch.ones(4, 100))
+    assert y.shape == (4, 100) and not torch.equal(y[0], y[1])
+    g = torch.func.grad(lambda t: timm_dropfix.fast_dropout(t, 0.5).sum())(torch.ones(100))
+    assert set(g.unique().tolist()) <= {0.0, 2.0}
 
 
 def _count_fast_calls(model, x, train=True):

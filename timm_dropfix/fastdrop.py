@@ -65,8 +65,8 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Inverted dropout of ``x`` in training mode, with 16 random bits per element (see the module docstring).
 
     Differentiable (the gradient is the same mask), deterministic under ``torch.manual_seed``, keeps ``x``'s memory
-    format. Rates that round to 0 or 65536 words, and tensors that are not on the CPU or not float32/float64, go to
-    ``F.dropout`` instead.
+    format. Rates that round to 0 or 65536 words, tensors that are not plain CPU float32/float64 ones (another
+    device or dtype, a tensor subclass, inside ``torch.func`` transforms) go to ``F.dropout`` instead.
 
     Example:
         >>> import torch
@@ -77,7 +77,7 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     if not 0.0 <= p < 1.0:
         raise ValueError(f'dropout rate must be in [0, 1), got {p}: pass a rate like 0.1')
     t = _drop_words(p)
-    if not 0 < t < _LEVELS or x.device.type != 'cpu' or x.dtype not in _FLOATS or x.numel() < 4:
+    if not 0 < t < _LEVELS or not _plain_cpu_float(x) or x.numel() < 4:
         return F.dropout(x, p, training=True)
     return _FastDropout.apply(x, t)
 
@@ -105,6 +105,12 @@ class _FastDropout(torch.autograd.Function):
         return grad * mask, None
 
 
+def _plain_cpu_float(x: torch.Tensor) -> bool:
+    # a Proxy (fx) or tensor subclass fails the exact type check; vmap/grad wrap tensors in the same Python type
+    return (type(x) is torch.Tensor and x.device.type == 'cpu' and x.dtype in _FLOATS
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
 def _has_hooks(module: nn.Module) -> bool:
     own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
     shared = (getattr(_module_hooks, name, None) for name in (
@@ -122,9 +128,9 @@ def run_dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         >>> run_dropout(torch.nn.Dropout(0.5).eval(), torch.ones(3))
         tensor([1., 1., 1.])
     """
-    # is_compiling covers dynamo and export; a Proxy (fx) or tensor subclass fails the exact type check
+    # is_compiling covers dynamo and export
     if (_FAST and not torch.compiler.is_compiling() and type(module) is nn.Dropout and module.training
-            and not module.inplace and type(x) is torch.Tensor and x.device.type == 'cpu' and x.dtype in _FLOATS
-            and 0 < _drop_words(module.p) < _LEVELS and not _has_hooks(module)):
+            and not module.inplace and _plain_cpu_float(x) and 0 < _drop_words(module.p) < _LEVELS
+            and not _has_hooks(module)):
         return fast_dropout(x, module.p)
     return module(x)
