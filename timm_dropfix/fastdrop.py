@@ -4,8 +4,9 @@ torch's CPU dropout draws every element's keep/drop with a serial Bernoulli samp
 project's 2-core machine), which made the recommended placement cost 10 to 20 % of a resnet50 training step there
 (``benchmarks/throughput.py --quick``; 7 to 10 % with this path). :func:`fast_dropout` takes 16 random bits per
 element from torch's generator instead (four lanes of one 64-bit draw, about 1.2 ns per element) and drops an
-element when its word falls below ``round(p * 65536)``: the drop probability is ``p`` rounded to a multiple of 1/65536 (within 7.7e-6 of ``p``), and kept values are scaled by
-the exact inverse of the keep probability, so the output's expectation is still the input.
+element when its word falls below ``round(p * 65536)``: the drop probability is ``p`` rounded to a multiple of
+1/65536 (within 7.7e-6 of ``p``), and kept values are scaled by the exact inverse of the keep probability, so the
+output's expectation is still the input.
 
 The blocks and heads of this package run their dropout modules through :func:`run_dropout`, which takes this path
 only where nothing else can tell the difference: eager mode, a plain CPU float32/float64 tensor, and a plain
