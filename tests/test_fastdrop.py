@@ -141,3 +141,20 @@ def test_environment_variable_sets_the_default():
     env = dict(os.environ, TIMM_DROPFIX_FAST_DROPOUT='0')
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == 'False'
+
+
+def test_activation_checkpointing_recomputes_the_same_masks():
+    """torch.utils.checkpoint restores the CPU generator before recomputing a segment; the fast path draws from
+    that generator, so the gradients equal those of the same step without checkpointing."""
+    import copy
+    plain = timm_dropfix.rewrite(timm.create_model('resnet18', num_classes=5)).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    for model in (plain, ckpt):
+        torch.manual_seed(0)
+        with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as spy:
+            model(x).sum().backward()
+        assert spy.call_count > 0
+    for a, b in zip(plain.parameters(), ckpt.parameters()):
+        assert torch.equal(a.grad, b.grad)
