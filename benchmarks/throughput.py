@@ -17,7 +17,9 @@ Measured: images/s of the loader alone (model-ready normalized float batches on 
 included), images/s of whole training steps (loader + forward + backward + optimizer), epoch wall time, peak
 memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh process running the same config, plus the
 bytes autograd saves for backward), for resnet50 at 224 px and at a CPU-friendly size; and the cost of the
-recommended dropout placement (``timm_dropfix.rewrite`` defaults) against the same resnet50 without dropout.
+recommended dropout placement (``timm_dropfix.rewrite`` defaults) against the same resnet50 without dropout (on CPU
+with timm_dropfix's fast dropout and with torch's kernel), next to a mask-only floor (a mask drawn once, no random
+numbers per step). Loader epochs and training steps of the compared arms alternate, so they meet the same machine.
 
 Profiles: ``--quick`` (< 3 min on 2 CPU cores; last line ``loader_speedup=X step_speedup=Y
 dropfix_step_overhead=Z``), default (more repeats), ``--gpu`` (CUDA only, < 5 min on one H100; adds
