@@ -58,8 +58,9 @@ class TrainConfig:
     head_position: str = 'before_pool'
     # eager CPU training runs the dropfix dropouts through timm_dropfix.fast_dropout: the same distribution (rate
     # rounded to 1/65536) for less time than torch's CPU kernel (placement +7 to +10 % step time against +11 to
-    # +20 %, README Speed); --no-fast-dropout for torch's kernel, e.g. to repeat runs made before it. No effect on GPUs
-    fast_dropout: bool = True
+    # +20 %, README Speed); False: torch's kernel, e.g. to repeat runs made before it; None: the process default
+    # (timm_dropfix.use_fast_dropout(), on unless TIMM_DROPFIX_FAST_DROPOUT=0). No effect on GPUs
+    fast_dropout: bool | None = None
     # optimisation
     optimizer: str = 'adamw'
     lr: float = 1e-3                      # learning rate of the new head; the backbone gets lr * backbone_lr_mult
@@ -153,7 +154,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--fast-dropout', dest='fast_dropout', action=argparse.BooleanOptionalAction,
                    default=d.fast_dropout,
                    help="eager CPU training: timm_dropfix's fast dropout (same distribution, cheaper than torch's "
-                        "CPU kernel); --no-fast-dropout: torch's kernel. No effect on GPUs")
+                        "CPU kernel); --no-fast-dropout: torch's kernel; neither: on unless "
+                        "TIMM_DROPFIX_FAST_DROPOUT=0. No effect on GPUs")
     g.add_argument('--branch-drop-rate', type=float, default=d.branch_drop_rate)
     g.add_argument('--head-drop-rate', type=float, default=d.head_drop_rate)
     g.add_argument('--branch-position', choices=BRANCH_POSITIONS, default=d.branch_position)

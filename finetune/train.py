@@ -162,7 +162,8 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
     """
     # timm_dropfix's switch is process-wide: set for this run, then given back (bench runs many in one process)
     previous = timm_dropfix.use_fast_dropout()
-    timm_dropfix.set_fast_dropout(cfg.fast_dropout)
+    if cfg.fast_dropout is not None:
+        timm_dropfix.set_fast_dropout(cfg.fast_dropout)
     try:
         return _train(cfg, stop_after_epoch)
     finally:
@@ -334,7 +335,8 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
                    images_per_second=train_images / max(train_time, 1e-9), n_skipped=len(skipped),
                    skipped=skipped, num_processes=accelerator.num_processes,
                    n_train=n_train, n_eval=n_eval, data_config=_jsonable(data_config),
-                   fast_cpu_dropout=cfg.fast_dropout and accelerator.device.type == 'cpu' and not cfg.dynamo_backend)
+                   fast_cpu_dropout=(timm_dropfix.use_fast_dropout() and accelerator.device.type == 'cpu'
+                                     and not cfg.dynamo_backend))
     if main:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)  # the exported keys lack _orig_mod.
         info = dict(dropfix=built.dropfix, dropout_summary=str(timm_dropfix.summarize(unwrapped)),

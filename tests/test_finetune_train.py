@@ -128,22 +128,24 @@ def test_cache_on_device_trains_exactly_like_the_host_cache(tiny_pets, tmp_path)
 
 
 def test_fast_dropout_is_the_default_and_switchable_per_run(tiny_pets, tmp_path, rewritten_run):
-    """CPU training draws the dropfix masks with timm_dropfix.fast_dropout unless --no-fast-dropout; the run says
-    which in metrics.json, and the process-wide switch is given back afterwards."""
+    """CPU training draws the dropfix masks with timm_dropfix.fast_dropout unless --no-fast-dropout or the process
+    default (TIMM_DROPFIX_FAST_DROPOUT=0) says otherwise; the run says which in metrics.json, and the
+    process-wide switch is given back afterwards."""
     from unittest import mock
     from timm_dropfix import fastdrop
-    assert rewritten_run[1]['fast_cpu_dropout'] is True
+    assert rewritten_run[0].fast_dropout is None and rewritten_run[1]['fast_cpu_dropout'] is True
     before = timm_dropfix.use_fast_dropout()
-    with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as spy:
-        off = train(tiny_cfg(tiny_pets, tmp_path / 'torch_kernel', rewrite=True, epochs=1, fast_dropout=False,
-                             log_with='none'))
-        assert spy.call_count == 0 and off['fast_cpu_dropout'] is False
-        assert timm_dropfix.use_fast_dropout() == before
-        timm_dropfix.set_fast_dropout(False)  # a run's config wins over the process default, and gives it back
-        on = train(tiny_cfg(tiny_pets, tmp_path / 'fast', rewrite=True, epochs=1, log_with='none'))
-        assert spy.call_count > 0 and on['fast_cpu_dropout'] is True
-        assert timm_dropfix.use_fast_dropout() is False
-    timm_dropfix.set_fast_dropout(before)
+    runs = [(True, False, False), (False, None, False), (False, True, True)]  # process default, config, fast?
+    try:
+        for i, (default, flag, fast) in enumerate(runs):
+            timm_dropfix.set_fast_dropout(default)
+            with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as spy:
+                m = train(tiny_cfg(tiny_pets, tmp_path / str(i), rewrite=True, epochs=1, fast_dropout=flag,
+                                   log_with='none'))
+            assert (spy.call_count > 0) is fast and m['fast_cpu_dropout'] is fast, (default, flag)
+            assert timm_dropfix.use_fast_dropout() is default
+    finally:
+        timm_dropfix.set_fast_dropout(before)
 
 
 def test_checkpoint_every_saves_every_nth_and_the_last_epoch(tiny_pets, tmp_path):
