@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 import _common  # noqa: E402
 import cifar10  # noqa: E402
+import compare_grids  # noqa: E402
 import data_paths  # noqa: E402
 import module_tests  # noqa: E402
 import pets_fewshot  # noqa: E402
@@ -280,3 +281,29 @@ def test_throughput_smoke_measures_both_paths_and_the_dropout(tmp_path, shared_p
     assert d['memory']['dropfix_torch_kernel']['saved_activation_bytes'] > 0
     md = (tmp_path / 'throughput_smoke.md').read_text()
     assert "torch.compile(backend='eager')" in md and '| dropfix |' in md and '| mask_only |' in md
+
+
+# ---------------------------------------------------------------- compare_grids.py
+
+def test_compare_grids_pairs_units_and_spots_identical_runs(tmp_path):
+    """The same variant in two grids, paired by unit; runs that trained identically are flagged (their speed may
+    differ), units missing from one grid are left out, and a missing file is a clear error."""
+    def grid(rec_top1, speed):
+        seeds = lambda top1: {str(u): {'top1': t, 'nll': 1.0, 'images_per_second': speed}
+                              for u, t in zip((0, 1000, 2000), top1)}
+        return {'meta': {'seeds': [0]}, 'variants': {'none': {'seeds': seeds([0.5, 0.6, 0.7])},
+                                                     'recommended': {'seeds': seeds(rec_top1)}}}
+    a, b = tmp_path / 'a.json', tmp_path / 'b.json'
+    a.write_text(json.dumps(grid([0.55, 0.65, 0.70], 12.0)))
+    b_grid = grid([0.50, 0.60, 0.70], 10.0)
+    b_grid['variants']['recommended']['seeds']['3000'] = {'top1': 0.9, 'nll': 1.0}  # not in a: not paired
+    b.write_text(json.dumps(b_grid))
+    compare_grids.main([str(a), str(b), '--labels', 'fast', 'torch', '--out', str(tmp_path / 'cmp')])
+    r = json.loads((tmp_path / 'cmp.json').read_text())
+    assert r['variants']['none']['identical'] is True and r['variants']['none']['top1']['mean'] == 0
+    rec = r['variants']['recommended']
+    assert rec['identical'] is False and rec['units'] == ['0', '1000', '2000']
+    assert rec['top1']['mean'] == pytest.approx(0.1 / 3) and rec['images_per_second']['mean'] == pytest.approx(2.0)
+    assert '| recommended | 3 | False | +3.33 [' in (tmp_path / 'cmp.md').read_text()
+    with pytest.raises(SystemExit, match='no such results file'):
+        compare_grids.main([str(tmp_path / 'missing.json'), str(b), '--out', str(tmp_path / 'x')])
