@@ -31,6 +31,8 @@ from finetune.stats import mean_std, paired_t_interval, student_t_ppf  # noqa: F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / 'benchmarks' / 'results'
+# environment variables that change what a benchmark measures; command_line() records them
+RESULT_ENV = ('TIMM_DROPFIX_FAST_DROPOUT',)
 
 __all__ = [
     'REPO_ROOT', 'RESULTS_DIR', 'shared_dir', 'machine_info', 'command_line', 'utc_now', 'write_json',
@@ -107,6 +109,8 @@ def command_line(argv: Sequence[str] | None = None, script: str | None = None) -
         argv: the arguments the script's ``main`` received (``None``: ``sys.argv[1:]``).
         script: the script path; default ``sys.argv[0]`` made relative to the repository.
 
+    Environment variables that change results (:data:`RESULT_ENV`) are written in front when set.
+
     Example:
         >>> command_line(['--quick'], script='benchmarks/module_tests.py')
         'python benchmarks/module_tests.py --quick'
@@ -118,7 +122,8 @@ def command_line(argv: Sequence[str] | None = None, script: str | None = None) -
             script = str(Path(script).resolve().relative_to(REPO_ROOT))
         except ValueError:
             pass
-    return shlex.join(['python', script, *argv])
+    env = [f'{k}={os.environ[k]}' for k in RESULT_ENV if k in os.environ]
+    return shlex.join([*env, 'python', script, *argv])
 
 
 def utc_now() -> str:
