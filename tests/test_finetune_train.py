@@ -201,7 +201,8 @@ def _two_process_job(data_dir: str, out: str, cache_on_device: bool = False) -> 
     # the forked worker inherits this pytest process's single-process accelerate state; start from scratch
     AcceleratorState._reset_state(reset_partial_state=True)
     torch.set_num_threads(1)
-    train(tiny_cfg(Path(data_dir), Path(out), epochs=1, batch_size=4, log_with='none',
+    # with the dropfix rewrite: DDP also runs through the fast CPU dropout (an autograd.Function) in each process
+    train(tiny_cfg(Path(data_dir), Path(out), epochs=1, batch_size=4, log_with='none', rewrite=True,
                    cache_on_device=cache_on_device))
 
 
@@ -217,7 +218,7 @@ def test_two_processes_debug_launcher(tiny_pets, tmp_path, cache_on_device):
     subprocess.run([sys.executable, '-c', script], check=True, timeout=600, cwd=Path(__file__).parents[1],
                    env={**os.environ, 'OMP_NUM_THREADS': '1'})
     m = json.loads((tmp_path / 'ddp' / 'metrics.json').read_text())
-    assert m['num_processes'] == 2
+    assert m['num_processes'] == 2 and m['fast_cpu_dropout'] is True
     assert m['n_eval'] == 16 and m['history'][0]['train_images'] == 32  # 2 processes x 4 steps x 4 images
     split = load_samples('pets', str(tiny_pets))
     logits, targets, _ = timm_eval(tmp_path / 'ddp' / 'model', split.eval)
