@@ -24,7 +24,8 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import command_line, paired_t_interval, utc_now, write_result  # noqa: E402
+from _common import command_line, utc_now, write_result  # noqa: E402
+from finetune.bench import paired_difference  # noqa: E402
 
 METRICS = ('top1', 'nll', 'images_per_second')
 
@@ -48,7 +49,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         res: dict[str, Any] = {'units': units, 'identical': same}
         for k in METRICS:
             if all(k in ua[u] and k in ub[u] for u in units):
-                res[k] = paired_t_interval([ua[u][k] for u in units], [ub[u][k] for u in units])
+                res[k] = paired_difference({u: ua[u][k] for u in units}, {u: ub[u][k] for u in units})
         out[name] = res
     return out
 
@@ -65,7 +66,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         for k, scale in (('top1', 100), ('nll', 1), ('images_per_second', 1)):
             d = r.get(k)
             cells.append('-' if d is None else
-                         f"{d['mean'] * scale:+.2f} [{d['ci_low'] * scale:+.2f}, {d['ci_high'] * scale:+.2f}]")
+                         f"{d['mean'] * scale:+.2f} [{d['ci95'][0] * scale:+.2f}, {d['ci95'][1] * scale:+.2f}]")
         lines.append(f"| {name} | {len(r['units'])} | {r['identical']} | " + ' | '.join(cells) + ' |')
     lines += ['', 'top-1 in points; images/s of each run as its metrics.json reports it.', '']
     return '\n'.join(lines)
