@@ -25,24 +25,35 @@ def _within(count: int, n: int, q: float, sigmas: float = 6.0) -> bool:
     return abs(count - n * q) <= sigmas * math.sqrt(n * q * (1 - q))
 
 
+@pytest.fixture(params=['fused', 'torch_ops'])
+def levels(request, monkeypatch):
+    """Run a test on the fused C kernel (32-bit words) and on the torch-ops path used without a C compiler (16-bit
+    words); the value is the number of word levels."""
+    if request.param == 'torch_ops':
+        monkeypatch.setattr(fastdrop._native, 'load', lambda: None)
+        return 1 << 16
+    assert fastdrop._native.load() is not None, 'the fused kernel did not build: is a C compiler installed?'
+    return 1 << 32
+
+
 @pytest.mark.parametrize('p', [0.1, 0.5, 0.9])
-def test_rate_scale_and_every_lane_of_a_word(p):
-    """Drop rate p (rounded to 1/65536) in each of the four 16-bit lanes of a draw, kept values scaled by the exact
-    inverse keep rate, so the mean of many outputs is the input."""
+def test_rate_scale_and_every_lane_of_a_word(p, levels):
+    """Drop rate p (rounded to a word level) overall and at every fourth element (the torch-ops path's four 16-bit
+    lanes of a draw), kept values scaled by the exact inverse keep rate, so the mean of many outputs is the input."""
     torch.manual_seed(0)
     n = 400_000
     y = timm_dropfix.fast_dropout(torch.ones(n), p)
-    t = round(p * 65536)
-    q = t / 65536
+    t = round(p * levels)
+    q = t / levels
     dropped = y == 0
     assert _within(int(dropped.sum()), n, q)
     for lane in range(4):  # a generator without the full 64-bit range would leave one lane never dropping
         assert _within(int(dropped[lane::4].sum()), n // 4, q)
-    assert set(y.unique().tolist()) == {0.0, torch.tensor(65536 / (65536 - t), dtype=torch.float32).item()}
+    assert set(y.unique().tolist()) == {0.0, torch.tensor(levels / (levels - t), dtype=torch.float32).item()}
     assert abs(y.double().mean().item() - 1.0) < 6 * math.sqrt(q / (1 - q) / n)
 
 
-def test_neighbours_drop_independently():
+def test_neighbours_drop_independently(levels):
     torch.manual_seed(1)
     n, p = 400_000, 0.3
     d = (timm_dropfix.fast_dropout(torch.ones(n), p) == 0).float()
@@ -51,7 +62,7 @@ def test_neighbours_drop_independently():
         assert _within(both, n - gap, p * p), gap
 
 
-def test_deterministic_under_the_seed_and_gradient_is_the_mask():
+def test_deterministic_under_the_seed_and_gradient_is_the_mask(levels):
     x = torch.randn(4, 8, 5, 5, requires_grad=True)
     torch.manual_seed(3)
     a = timm_dropfix.fast_dropout(x, 0.2)
@@ -67,15 +78,15 @@ def test_deterministic_under_the_seed_and_gradient_is_the_mask():
     assert set(mask.unique().round(decimals=5).tolist()) == {0.0, 1.25}
 
 
-def test_keeps_channels_last_and_leaves_other_inputs_to_torch():
+def test_keeps_channels_last_and_leaves_other_inputs_to_torch(levels):
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     y = timm_dropfix.fast_dropout(x, 0.5)
     assert y.is_contiguous(memory_format=torch.channels_last)
     kept = y != 0
     torch.testing.assert_close(y[kept], x[kept] * 2)
     assert 0.3 < kept.float().mean().item() < 0.7
-    # a half-precision tensor or a rate below 1/131072 is F.dropout's: the same numbers under the same seed
-    for x, p in ((torch.randn(64, dtype=torch.bfloat16), 0.5), (torch.randn(64), 1e-6)):
+    # a half-precision tensor or a rate below half a word level is F.dropout's: the same numbers under the same seed
+    for x, p in ((torch.randn(64, dtype=torch.bfloat16), 0.5), (torch.randn(64), 0.4 / levels)):
         torch.manual_seed(0)
         ours = timm_dropfix.fast_dropout(x, p)
         torch.manual_seed(0)
@@ -88,6 +99,69 @@ def test_keeps_channels_last_and_leaves_other_inputs_to_torch():
     assert y.shape == (4, 100) and not torch.equal(y[0], y[1])
     g = torch.func.grad(lambda t: timm_dropfix.fast_dropout(t, 0.5).sum())(torch.ones(100))
     assert set(g.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_fused_kernel_keeps_nothing_for_backward_and_recomputes_the_mask_in_any_layout():
+    """The fused path saves no tensor for backward; gradients arriving in another memory layout (contiguous for a
+    channels_last input, or expanded as from .sum()) meet the same mask; the result does not depend on the number
+    of threads; the op is twice differentiable; NaN propagates through dropped elements as with torch's x * mask."""
+    x = torch.randn(4, 32, 20, 20, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        torch.manual_seed(5)
+        y = timm_dropfix.fast_dropout(x, 0.3)
+    assert packed == [] and type(y.grad_fn).__name__ == '_FusedDropoutBackward'
+    mask = y.detach() / x.detach()
+    g = torch.randn(y.shape, dtype=torch.float64)  # contiguous, unlike y
+    gx, = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, g * mask)
+    torch.manual_seed(5)
+    gx, = torch.autograd.grad(timm_dropfix.fast_dropout(x, 0.3).sum(), x)
+    torch.testing.assert_close(gx, mask)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(5)
+        one_thread = timm_dropfix.fast_dropout(x, 0.3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, y)
+    seeded = lambda t: fastdrop._FusedDropout.apply(t, 1234, round(0.3 * 2 ** 32))
+    small = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(seeded, (small,)) and torch.autograd.gradgradcheck(seeded, (small,))
+    nan = torch.full((1000,), float('nan'))
+    assert torch.isnan(timm_dropfix.fast_dropout(nan, 0.5)).all()
+
+
+def test_kernel_build_is_cached_and_failures_fall_back(tmp_path, monkeypatch, caplog):
+    """The kernel is built into the cache folder and loaded from there; a compiler that fails leaves a warning
+    with the reason and no library (fast_dropout then takes the torch-ops path); an unwritable cache folder falls
+    back to a temporary folder."""
+    native = fastdrop._native
+    monkeypatch.setenv('TIMM_DROPFIX_CACHE_DIR', str(tmp_path / 'cache'))
+    assert native._build_and_load() is not None
+    built = list((tmp_path / 'cache' / 'kernels').glob('dropout-*.so'))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    assert native._build_and_load() is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    (tmp_path / 'file').write_text('')
+    monkeypatch.setenv('TIMM_DROPFIX_CACHE_DIR', str(tmp_path / 'file'))  # mkdir under a file fails
+    monkeypatch.setattr(native.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))
+    assert native._build_and_load() is not None
+    assert len(list((tmp_path / 'tmp').glob('timm_dropfix-kernels-*/dropout-*.so'))) == 1
+    monkeypatch.setenv('TIMM_DROPFIX_CACHE_DIR', str(tmp_path / 'other'))
+    broken = tmp_path / 'broken-cc'
+    broken.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo broken 1.0; exit 0; fi\necho "no such flag" >&2; exit 1\n')
+    broken.chmod(0o755)
+    monkeypatch.setenv('CC', str(broken))
+    with caplog.at_level('WARNING', logger=native.__name__):
+        assert native._build_and_load() is None
+    assert 'no such flag' in caplog.text and 'torch-ops path' in caplog.text
+    monkeypatch.setattr(native, 'load', lambda: None)
+    torch.manual_seed(0)
+    y = timm_dropfix.fast_dropout(torch.ones(1000, requires_grad=True), 0.5)
+    assert type(y.grad_fn).__name__ == '_WordDropoutBackward' and set(y.unique().tolist()) == {0.0, 2.0}
 
 
 def _count_fast_calls(model, x, train=True):

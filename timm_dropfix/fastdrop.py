@@ -1,12 +1,16 @@
 """A faster dropout for eager training on the CPU: the same distribution, the same ``nn.Dropout`` modules.
 
-torch's CPU dropout draws every element's keep/drop with a serial Bernoulli sampler (7-9 ns per element on the
-project's 2-core machine), which made the recommended placement cost 10 to 20 % of a resnet50 training step there
-(``benchmarks/throughput.py --quick``; 7 to 10 % with this path). :func:`fast_dropout` takes 16 random bits per
-element from torch's generator instead (four lanes of one 64-bit draw, about 1.2 ns per element) and drops an
-element when its word falls below ``round(p * 65536)``: the drop probability is ``p`` rounded to a multiple of
-1/65536 (within 7.7e-6 of ``p``), and kept values are scaled by the exact inverse of the keep probability, so the
-output's expectation is still the input.
+torch's CPU dropout draws every element's keep/drop with a serial Bernoulli sampler (7-15 ns per element on the
+project's 2-core machine) and keeps a float mask for backward, which made the recommended placement cost 10 to 20 %
+of a resnet50 training step there and +22 % of its peak memory. :func:`fast_dropout` runs a fused C kernel
+(``csrc/dropout.c``, built once per machine by :mod:`timm_dropfix._native`): one pass over the tensor, on torch's
+threads, in which element ``i`` is dropped when the top 32 bits of a SplitMix64 hash of ``(seed, i)`` fall below
+``round(p * 2**32)``; the seed is one 64-bit draw from torch's CPU generator per call. So the drop probability is
+``p`` within 1.2e-10, kept values are scaled by the exact inverse of the keep probability, results are deterministic
+under ``torch.manual_seed`` and independent of the thread count, and the backward pass recomputes the mask from the
+seed: nothing but the seed is kept for it. Where no C compiler is available, a torch-ops path draws 16 random bits
+per element (four lanes of one 64-bit draw of torch's generator, ``p`` rounded to a multiple of 1/65536) and keeps a
+float mask, like torch's kernel.
 
 The blocks and heads of this package run their dropout modules through :func:`run_dropout`, which takes this path
 only where nothing else can tell the difference: eager mode, a plain CPU float32/float64 tensor, and a plain
@@ -24,9 +28,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules import module as _module_hooks
 
+from . import _native
+
 __all__ = ['fast_dropout', 'run_dropout', 'set_fast_dropout', 'use_fast_dropout']
 
-_LEVELS = 1 << 16
+_LEVELS = 1 << 16  # the torch-ops path's 16-bit words
+_LEVELS32 = 1 << 32  # the fused kernel's 32-bit words
 _FLOATS = (torch.float32, torch.float64)
 _FAST = os.environ.get('TIMM_DROPFIX_FAST_DROPOUT', '1').strip().lower() not in ('0', 'false', 'no', 'off')
 
@@ -57,17 +64,13 @@ def use_fast_dropout() -> bool:
     return _FAST
 
 
-def _drop_words(p: float) -> int:
-    """The number of 16-bit words (of 65536) that drop an element at rate ``p``."""
-    return round(p * _LEVELS)
-
-
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout of ``x`` in training mode, with 16 random bits per element (see the module docstring).
+    """Inverted dropout of ``x`` in training mode with the fused CPU kernel (see the module docstring).
 
-    Differentiable (the gradient is the same mask), deterministic under ``torch.manual_seed``, keeps ``x``'s memory
-    format. Rates that round to 0 or 65536 words, tensors that are not plain CPU float32/float64 ones (another
-    device or dtype, a tensor subclass, inside ``torch.func`` transforms) go to ``F.dropout`` instead.
+    Differentiable (the gradient is the same mask, recomputed from the seed), deterministic under
+    ``torch.manual_seed``, keeps ``x``'s memory format when ``x`` is contiguous or channels_last. Rates that round to
+    0 or 1, tensors that are not plain CPU float32/float64 ones (another device or dtype, a tensor subclass, inside
+    ``torch.func`` transforms) go to ``F.dropout`` instead.
 
     Example:
         >>> import torch
@@ -77,13 +80,53 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f'dropout rate must be in [0, 1), got {p}: pass a rate like 0.1')
-    t = _drop_words(p)
-    if not 0 < t < _LEVELS or not _plain_cpu_float(x) or x.numel() < 4:
+    if not _plain_cpu_float(x) or x.numel() == 0:
         return F.dropout(x, p, training=True)
-    return _FastDropout.apply(x, t)
+    if _native.load() is not None:
+        t = round(p * _LEVELS32)
+        if 0 < t < _LEVELS32:
+            return _FusedDropout.apply(x, _draw_seed(), t)
+        return F.dropout(x, p, training=True)
+    t = round(p * _LEVELS)
+    if not 0 < t < _LEVELS or x.numel() < 4:
+        return F.dropout(x, p, training=True)
+    return _WordDropout.apply(x, t)
 
 
-class _FastDropout(torch.autograd.Function):
+def _draw_seed() -> int:
+    # one draw of torch's CPU generator: manual_seed and checkpoint's generator restore govern the masks
+    return int(torch.empty((), dtype=torch.int64).random_(-2 ** 63, None)) & (_LEVELS32 * _LEVELS32 - 1)
+
+
+def _dense_layout(x: torch.Tensor) -> bool:
+    return (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
+class _FusedDropout(torch.autograd.Function):
+    """The kernel's dropout for one seed: a diagonal linear map, so its backward is itself (which also makes it
+    twice differentiable). Element ``i`` is the ``i``-th in memory, so the gradient is brought to the output's
+    strides before the mask is recomputed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seed: int, t: int) -> torch.Tensor:
+        if not _dense_layout(x):
+            x = x.contiguous()
+        out = torch.empty_like(x)  # the same strides as a dense x
+        _native.dropout_into(out, x, seed, t, _LEVELS32 / (_LEVELS32 - t))
+        ctx.seed, ctx.t, ctx.stride = seed, t, out.stride()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if grad.stride() != ctx.stride or not _dense_layout(grad):
+            grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype).copy_(grad)
+        return _FusedDropout.apply(grad, ctx.seed, ctx.t), None, None
+
+
+class _WordDropout(torch.autograd.Function):
+    """The torch-ops path (no C compiler): 16-bit words of torch's generator, a float mask kept for backward."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, t: int) -> torch.Tensor:
         mask = torch.empty_like(x, memory_format=torch.preserve_format)  # dense, with x's strides when x is dense
@@ -131,7 +174,7 @@ def run_dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     # is_compiling covers dynamo and export
     if (_FAST and not torch.compiler.is_compiling() and type(module) is nn.Dropout and module.training
-            and not module.inplace and _plain_cpu_float(x) and 0 < _drop_words(module.p) < _LEVELS
+            and not module.inplace and _plain_cpu_float(x) and 0.0 < module.p < 1.0
             and not _has_hooks(module)):
         return fast_dropout(x, module.p)
     return module(x)

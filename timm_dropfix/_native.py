@@ -1,0 +1,144 @@
+"""The fused CPU dropout kernel (``csrc/dropout.c``): built once per machine with the system C compiler, loaded with
+ctypes.
+
+The build takes well under a second (plain C, no torch headers) and is cached in ``$TIMM_DROPFIX_CACHE_DIR``
+(default ``~/.cache/timm_dropfix``, or ``$XDG_CACHE_HOME/timm_dropfix``) under ``kernels/``, named by a hash of the
+source, the compiler's version and the platform, so an edited source or another compiler rebuilds it. Where no
+compiler works, :func:`load` returns None once, logs why, and :mod:`timm_dropfix.fastdrop` uses its torch-ops path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ['load', 'kernel_dir']
+
+_logger = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name('csrc') / 'dropout.c'
+# OpenMP first: it lets the kernel use torch's intra-op threads; without it the kernel runs on one thread
+_FLAG_SETS = (['-fopenmp'], ['-fopenmp', '-DTDF_NO_CLONES'], [], ['-DTDF_NO_CLONES'])
+_lock = threading.Lock()
+_state: dict = {}  # 'lib': the loaded library or None once a build failed
+
+
+def kernel_dir() -> Path:
+    """Where built kernels are kept: ``$TIMM_DROPFIX_CACHE_DIR/kernels`` (default ``~/.cache/timm_dropfix/kernels``).
+
+    Example:
+        >>> kernel_dir().name
+        'kernels'
+    """
+    root = os.environ.get('TIMM_DROPFIX_CACHE_DIR') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'timm_dropfix')
+    return Path(root).expanduser() / 'kernels'
+
+
+def load() -> ctypes.CDLL | None:
+    """The fused dropout library (``tdf_dropout_f32`` / ``tdf_dropout_f64``), built on first use; None if it cannot
+    be built here (the reason is logged once).
+
+    Example:
+        >>> lib = load()
+        >>> lib is None or hasattr(lib, 'tdf_dropout_f32')
+        True
+    """
+    if 'lib' not in _state:
+        with _lock:
+            if 'lib' not in _state:
+                _state['lib'] = _build_and_load()
+    return _state['lib']
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get('CC'), 'cc', 'gcc', 'clang'):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build_and_load() -> ctypes.CDLL | None:
+    if sys.platform == 'win32':
+        _logger.info('timm_dropfix: no fused CPU dropout kernel on Windows; using the torch-ops path')
+        return None
+    cc = _compiler()
+    if cc is None:
+        _logger.warning('timm_dropfix: no C compiler found (set CC, or install gcc or clang); the fast CPU dropout '
+                        'uses its slower torch-ops path')
+        return None
+    try:
+        version = subprocess.run([cc, '--version'], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        _logger.warning('timm_dropfix: %s --version failed (%s); the fast CPU dropout uses its torch-ops path', cc, e)
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b'\0'.join([source, version.encode(), platform.machine().encode(),
+                                     sys.platform.encode()])).hexdigest()[:16]
+    errors = []
+    for folder in (kernel_dir(), Path(tempfile.gettempdir()) / f'timm_dropfix-kernels-{os.getuid()}'):
+        path = folder / f'dropout-{key}.so'
+        try:
+            if not path.exists():
+                errors.append(_build(cc, path))
+            if path.exists():
+                return _bind(ctypes.CDLL(str(path)))
+        except OSError as e:  # an unwritable cache folder, or a library that does not load
+            errors.append(f'{path}: {e}')
+    _logger.warning('timm_dropfix: could not build the fused CPU dropout kernel with %s; the fast CPU dropout uses '
+                    'its slower torch-ops path. Compiler output:\n%s', cc, '\n'.join(e for e in errors if e)[-2000:])
+    return None
+
+
+def _build(cc: str, path: Path) -> str:
+    """Compile into ``path`` (atomically: concurrent processes may build the same file); the errors if none built."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in _FLAG_SETS:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + '.', suffix='.tmp')
+        os.close(fd)
+        try:
+            cmd = [cc, '-std=c99', '-O3', '-fPIC', '-shared', *flags, str(_SOURCE), '-o', tmp]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(tmp, path)
+                return ''
+            errors.append(f'{" ".join(cmd)}\n{done.stderr.strip()}')
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return '\n'.join(errors)
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    for name, real in (('tdf_dropout_f32', ctypes.c_float), ('tdf_dropout_f64', ctypes.c_double)):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, real,
+                       ctypes.c_int]
+        fn.restype = None
+    return lib
+
+
+def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: float) -> None:
+    """Run the kernel over ``x``'s memory into ``out``'s: both dense CPU float32/float64 tensors with equal strides.
+    The caller (:mod:`timm_dropfix.fastdrop`) checks that and that :func:`load` returned a library.
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(8); out = torch.empty_like(x)
+        >>> if load() is not None: dropout_into(out, x, seed=1, t=2 ** 31, scale=2.0)
+        >>> load() is None or set(out.tolist()) <= {0.0, 2.0}
+        True
+    """
+    lib = load()
+    fn = lib.tdf_dropout_f32 if x.dtype == torch.float32 else lib.tdf_dropout_f64
+    fn(x.data_ptr(), out.data_ptr(), x.numel(), seed, t, scale, torch.get_num_threads())

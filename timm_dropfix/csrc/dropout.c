@@ -1,0 +1,42 @@
+/* Fused inverted dropout over a dense CPU buffer, for timm_dropfix/fastdrop.py (built by timm_dropfix/_native.py).
+ *
+ * Element i (in memory order) is kept, times `scale`, when the top 32 bits of SplitMix64's output for the state
+ * seed + (i + 1) * GAMMA are >= t, and zeroed otherwise. The mask is a pure function of (seed, i): the same for any
+ * thread count, so the backward pass recomputes it from the seed instead of keeping it in memory. One pass reads x
+ * and writes out, the cost of a plain multiply; torch's CPU kernel draws each element with a serial sampler and
+ * keeps a float mask for backward.
+ */
+#include <stdint.h>
+
+#define GAMMA 0x9e3779b97f4a7c15ULL
+
+static inline uint64_t splitmix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+/* The 64-bit multiplies vectorize with AVX-512DQ; target_clones picks the widest the running CPU has, so one build
+ * serves every x86-64 machine that shares the cache folder. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(TDF_NO_CLONES)
+#define TDF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TDF_CLONES
+#endif
+
+/* Below this many elements a second thread costs more than it saves. */
+#define TDF_PARALLEL_MIN 65536
+
+/* x * 0 (not a literal 0) for dropped elements, so NaN and inf propagate as they do through torch's x * mask. */
+#define TDF_DROPOUT(NAME, T)                                                                                       \
+    TDF_CLONES void NAME(const T *restrict x, T *restrict out, int64_t n, uint64_t seed, uint32_t t, T scale,      \
+                         int threads) {                                                                            \
+        _Pragma("omp parallel for if(n >= TDF_PARALLEL_MIN) num_threads(threads) schedule(static)")                \
+        for (int64_t i = 0; i < n; ++i) {                                                                          \
+            uint32_t r = (uint32_t)(splitmix64(seed + (uint64_t)(i + 1) * GAMMA) >> 32);                           \
+            out[i] = x[i] * (r >= t ? scale : (T)0);                                                               \
+        }                                                                                                          \
+    }
+
+TDF_DROPOUT(tdf_dropout_f32, float)
+TDF_DROPOUT(tdf_dropout_f64, double)
