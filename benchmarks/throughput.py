@@ -267,7 +267,7 @@ class Trainer:
 class FixedMask(torch.nn.Module):
     """Stands in for a dropout: multiplies by a mask drawn on first use for each input shape, so a step pays
     for applying a mask (forward and backward) and for keeping it, but draws no random numbers: the floor
-    of any dropout that is not fused into its neighbours."""
+    of any dropout that keeps a mask and draws it in a separate pass."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -423,6 +423,9 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
            'step_s': {k: summary(v) for k, v in times.items()},
            'step_wall_s': {k: summary(v) for k, v in wall.items()}, **overhead('dropfix'),
            'arms': {k: overhead(k) for k in trainers if k not in ('no_dropout', 'dropfix')}}
+    if device.type == 'cpu':
+        from timm_dropfix import _native
+        out['cpu_dropout_kernel'] = 'fused C' if _native.load() is not None else 'torch ops (no C compiler)'
     if device.type == 'cuda':
         peaks = {k: step_peak_bytes(lambda k=k: trainers[k].step(x, y), device)
                  for k in ('no_dropout', 'dropfix')}
@@ -825,10 +828,13 @@ def to_markdown(res: dict[str, Any]) -> str:
               f"{d['peak_mem_overhead']:+.2%}" + (f"; saved-activation overhead {d['saved_activation_overhead']:+.2%}"
                                                   if 'saved_activation_overhead' in d else '') + '.', '']
     if d.get('arms'):
-        lines += ['dropfix runs timm_dropfix\'s default route: on CPU its fast dropout (16 random bits per element); '
+        kernel = d.get('cpu_dropout_kernel', 'torch ops')
+        lines += ['dropfix runs timm_dropfix\'s default route: on CPU its fast dropout (here: '
+                  f'{kernel}; the fused kernel hashes 32 bits per element in one pass and recomputes the mask in '
+                  'backward, the torch-ops path draws 16 bits per element and keeps a float mask); '
                   'dropfix_torch_kernel is the same model on torch\'s own dropout kernel; mask_only replaces every '
-                  'dropout by a multiply with a mask drawn once, the cost of any dropout that is not fused into its '
-                  'neighbours before it draws a single random number.', '']
+                  'dropout by a multiply with a mask drawn once and kept for backward: what a dropout that is not '
+                  'fused costs before it draws a single random number.', '']
     lines += _compiled_lines(d) + [
               'CPU peak memory: a fresh process per config runs one training step; peak RSS during it (VmHWM) minus '
               'the RSS right after the imports, i.e. model, gradients, Adam state, batch and activations (the '

@@ -202,7 +202,7 @@ def test_switch_off_reproduces_torch_dropout_exactly():
         timm_dropfix.set_fast_dropout(fast)
         torch.manual_seed(0)
         outs[fast] = model(x)
-    plain = lambda module, x: module(x)
+    plain = lambda module, x, producer=None: module(x)
     with mock.patch('timm_dropfix.blocks.run_dropout', plain), mock.patch('timm_dropfix.heads.run_dropout', plain):
         torch.manual_seed(0)
         outs['modules'] = model(x)
@@ -232,3 +232,36 @@ def test_activation_checkpointing_recomputes_the_same_masks():
         assert spy.call_count > 0
     for a, b in zip(plain.parameters(), ckpt.parameters()):
         assert torch.equal(a.grad, b.grad)
+
+
+def test_branch_end_dropout_overwrites_the_fresh_bn_output_only_when_nothing_else_reads_it():
+    """At the end of a post-activation branch the fused kernel drops the BN (or SE) output in place: the same
+    numbers and gradients as out of place under the same seed, without allocating an output. A forward hook on
+    that BN may keep its output, so there the dropout allocates and the hook's tensor stays intact; a ReLU output
+    (kept by autograd) is never overwritten."""
+    import copy
+    # zero_init_last=False: timm zeroes the last BN's scale by default, which would make its output all zeros
+    model = timm_dropfix.rewrite(timm.create_model('resnet18', num_classes=5, zero_init_last=False)).train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    results = {}
+    for name, m, may in (('inplace', model, fastdrop._may_overwrite), ('copy', twin, lambda x, producer: False)):
+        torch.manual_seed(0)
+        with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as spy, \
+                mock.patch.object(fastdrop, '_may_overwrite', may):
+            m(x).sum().backward()
+        results[name] = [call.kwargs.get('inplace', False) for call in spy.call_args_list]
+    assert results['inplace'] == [True] * 8 + [False]  # 8 blocks, then the pre-pool head (a ReLU output)
+    assert results['copy'] == [False] * 9
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    kept = []
+    model.layer1[0].bn2.register_forward_hook(lambda mod, i, o: kept.append(o))
+    with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as spy:
+        model(x)
+    assert [call.kwargs['inplace'] for call in spy.call_args_list][:2] == [False, True]
+    assert (kept[0] == 0).float().mean().item() < 0.01  # not dropped (a dropped copy would be ~10 % zeros)
+    relu_out = torch.relu(torch.randn(100, requires_grad=True))
+    assert not fastdrop._may_overwrite(relu_out, torch.nn.ReLU())
+    with pytest.raises(RuntimeError, match='inplace'):  # autograd would refuse it anyway
+        timm_dropfix.fast_dropout(relu_out, 0.5, inplace=True).sum().backward()

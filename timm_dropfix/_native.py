@@ -45,8 +45,8 @@ def kernel_dir() -> Path:
 
 
 def load() -> ctypes.CDLL | None:
-    """The fused dropout library (``tdf_dropout_f32`` / ``tdf_dropout_f64``), built on first use; None if it cannot
-    be built here (the reason is logged once).
+    """The fused dropout library (``tdf_dropout_f32`` / ``tdf_dropout_f64`` and their ``_inplace`` forms), built on
+    first use; None if it cannot be built here (the reason is logged once).
 
     Example:
         >>> lib = load()
@@ -121,16 +121,17 @@ def _build(cc: str, path: Path) -> str:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, real in (('tdf_dropout_f32', ctypes.c_float), ('tdf_dropout_f64', ctypes.c_double)):
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, real,
-                       ctypes.c_int]
-        fn.restype = None
+        tail = [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, real, ctypes.c_int]
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, *tail]
+        getattr(lib, name + '_inplace').argtypes = [ctypes.c_void_p, *tail]
+        getattr(lib, name).restype = getattr(lib, name + '_inplace').restype = None
     return lib
 
 
 def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: float) -> None:
-    """Run the kernel over ``x``'s memory into ``out``'s: both dense CPU float32/float64 tensors with equal strides.
-    The caller (:mod:`timm_dropfix.fastdrop`) checks that and that :func:`load` returned a library.
+    """Run the kernel over ``x``'s memory into ``out``'s: both dense CPU float32/float64 tensors with equal strides,
+    or ``out`` is ``x`` (in place). The caller (:mod:`timm_dropfix.fastdrop`) checks that and that :func:`load`
+    returned a library.
 
     Example:
         >>> import torch
@@ -140,5 +141,7 @@ def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: f
         True
     """
     lib = load()
-    fn = lib.tdf_dropout_f32 if x.dtype == torch.float32 else lib.tdf_dropout_f64
-    fn(x.data_ptr(), out.data_ptr(), x.numel(), seed, t, scale, torch.get_num_threads())
+    name = 'tdf_dropout_f32' if x.dtype == torch.float32 else 'tdf_dropout_f64'
+    pointers = (x.data_ptr(),) if out is x else (x.data_ptr(), out.data_ptr())
+    getattr(lib, name + ('_inplace' if out is x else ''))(*pointers, x.numel(), seed, t, scale,
+                                                         torch.get_num_threads())

@@ -8,7 +8,7 @@ not bake the training flag in; eager CPU training runs it through :func:`~timm_d
 """
 from __future__ import annotations
 
-from typing import Dict, Type
+from typing import Dict, Optional, Type
 
 import torch
 from torch import nn
@@ -29,9 +29,10 @@ class DropfixBlockMixin:
     branch_drop: nn.Module
     branch_drop_at: str = 'none'
 
-    def _d(self, x: torch.Tensor, here: str) -> torch.Tensor:
-        # branch_drop_at is a plain str, so fx and dynamo specialise on it instead of tracing a branch
-        return run_dropout(self.branch_drop, x) if self.branch_drop_at == here else x
+    def _d(self, x: torch.Tensor, here: str, producer: Optional[nn.Module] = None) -> torch.Tensor:
+        # branch_drop_at is a plain str, so fx and dynamo specialise on it instead of tracing a branch;
+        # producer: x is this module's fresh output and only the dropout reads it (see run_dropout)
+        return run_dropout(self.branch_drop, x, producer) if self.branch_drop_at == here else x
 
 
 class DropfixPreActBasic(DropfixBlockMixin, timm_resnetv2.PreActBasic):
@@ -89,7 +90,7 @@ class DropfixV2Bottleneck(DropfixBlockMixin, timm_resnetv2.Bottleneck):
         x = self.norm2(self._d(self.conv2(x), 'after_conv2'))
         x = self._d(x, 'before_last_conv')
         x = self.norm3(self._d(self.conv3(x), 'after_conv3'))
-        x = self._d(x, 'branch_end')
+        x = self._d(x, 'branch_end', self.norm3)
         x = self.drop_path(x)
         return self._d(self.act3(x + shortcut), 'after_add')
 
@@ -110,7 +111,7 @@ class DropfixBasicBlock(DropfixBlockMixin, timm_resnet.BasicBlock):
         x = self.bn2(self._d(self.conv2(x), 'after_conv2'))
         if self.se is not None:
             x = self.se(x)
-        x = self._d(x, 'branch_end')
+        x = self._d(x, 'branch_end', self.bn2 if self.se is None else self.se)
         if self.drop_path is not None:
             x = self.drop_path(x)
         if self.downsample is not None:
@@ -138,7 +139,7 @@ class DropfixBottleneck(DropfixBlockMixin, timm_resnet.Bottleneck):
         x = self.bn3(self._d(self.conv3(x), 'after_conv3'))
         if self.se is not None:
             x = self.se(x)
-        x = self._d(x, 'branch_end')
+        x = self._d(x, 'branch_end', self.bn3 if self.se is None else self.se)
         if self.drop_path is not None:
             x = self.drop_path(x)
         if self.downsample is not None:
@@ -159,7 +160,7 @@ class DropfixTvBasicBlock(DropfixBlockMixin, tv_resnet.BasicBlock):
         out = self.relu(self.bn1(self._d(self.conv1(out), 'after_conv1')))
         out = self._d(out, 'before_last_conv')
         out = self.bn2(self._d(self.conv2(out), 'after_conv2'))
-        out = self._d(out, 'branch_end')
+        out = self._d(out, 'branch_end', self.bn2)
         if self.downsample is not None:
             identity = self.downsample(x)
         out += identity
@@ -179,7 +180,7 @@ class DropfixTvBottleneck(DropfixBlockMixin, tv_resnet.Bottleneck):
         out = self.relu(self.bn2(self._d(self.conv2(out), 'after_conv2')))
         out = self._d(out, 'before_last_conv')
         out = self.bn3(self._d(self.conv3(out), 'after_conv3'))
-        out = self._d(out, 'branch_end')
+        out = self._d(out, 'branch_end', self.bn3)
         if self.downsample is not None:
             identity = self.downsample(x)
         out += identity

@@ -64,13 +64,15 @@ def use_fast_dropout() -> bool:
     return _FAST
 
 
-def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+def fast_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
     """Inverted dropout of ``x`` in training mode with the fused CPU kernel (see the module docstring).
 
     Differentiable (the gradient is the same mask, recomputed from the seed), deterministic under
-    ``torch.manual_seed``, keeps ``x``'s memory format when ``x`` is contiguous or channels_last. Rates that round to
-    0 or 1, tensors that are not plain CPU float32/float64 ones (another device or dtype, a tensor subclass, inside
-    ``torch.func`` transforms) go to ``F.dropout`` instead.
+    ``torch.manual_seed``, keeps ``x``'s memory format when ``x`` is contiguous or channels_last. ``inplace``
+    overwrites ``x`` as ``F.dropout(..., inplace=True)`` does (autograd refuses it where ``x`` is needed for
+    backward). Rates that round to 0 or 1, tensors that are not plain CPU float32/float64 ones (another device or
+    dtype, a tensor subclass, inside ``torch.func`` transforms) go to ``F.dropout`` instead, as does ``inplace``
+    without the fused kernel.
 
     Example:
         >>> import torch
@@ -81,15 +83,15 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     if not 0.0 <= p < 1.0:
         raise ValueError(f'dropout rate must be in [0, 1), got {p}: pass a rate like 0.1')
     if not _plain_cpu_float(x) or x.numel() == 0:
-        return F.dropout(x, p, training=True)
+        return F.dropout(x, p, training=True, inplace=inplace)
     if _native.load() is not None:
         t = round(p * _LEVELS32)
         if 0 < t < _LEVELS32:
-            return _FusedDropout.apply(x, _draw_seed(), t)
-        return F.dropout(x, p, training=True)
+            return _FusedDropout.apply(x, _draw_seed(), t, inplace and _dense_layout(x))
+        return F.dropout(x, p, training=True, inplace=inplace)
     t = round(p * _LEVELS)
-    if not 0 < t < _LEVELS or x.numel() < 4:
-        return F.dropout(x, p, training=True)
+    if inplace or not 0 < t < _LEVELS or x.numel() < 4:
+        return F.dropout(x, p, training=True, inplace=inplace)
     return _WordDropout.apply(x, t)
 
 
@@ -106,13 +108,17 @@ def _dense_layout(x: torch.Tensor) -> bool:
 class _FusedDropout(torch.autograd.Function):
     """The kernel's dropout for one seed: a diagonal linear map, so its backward is itself (which also makes it
     twice differentiable). Element ``i`` is the ``i``-th in memory, so the gradient is brought to the output's
-    strides before the mask is recomputed."""
+    strides before the mask is recomputed. ``inplace`` (for a dense ``x``) writes into ``x``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, seed: int, t: int) -> torch.Tensor:
-        if not _dense_layout(x):
-            x = x.contiguous()
-        out = torch.empty_like(x)  # the same strides as a dense x
+    def forward(ctx, x: torch.Tensor, seed: int, t: int, inplace: bool = False) -> torch.Tensor:
+        if inplace:
+            ctx.mark_dirty(x)
+            out = x
+        else:
+            if not _dense_layout(x):
+                x = x.contiguous()
+            out = torch.empty_like(x)  # the same strides as a dense x
         _native.dropout_into(out, x, seed, t, _LEVELS32 / (_LEVELS32 - t))
         ctx.seed, ctx.t, ctx.stride = seed, t, out.stride()
         return out
@@ -121,7 +127,7 @@ class _FusedDropout(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         if grad.stride() != ctx.stride or not _dense_layout(grad):
             grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype).copy_(grad)
-        return _FusedDropout.apply(grad, ctx.seed, ctx.t), None, None
+        return _FusedDropout.apply(grad, ctx.seed, ctx.t), None, None, None
 
 
 class _WordDropout(torch.autograd.Function):
@@ -163,9 +169,15 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(own) or any(shared)
 
 
-def run_dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def run_dropout(module: nn.Module, x: torch.Tensor, producer: nn.Module | None = None) -> torch.Tensor:
     """``module(x)``, except that a training ``nn.Dropout`` on a plain CPU float tensor in eager mode runs
     :func:`fast_dropout` (when :func:`use_fast_dropout`).
+
+    ``producer``: the module whose output ``x`` is, passed where nothing but that module's hooks can hold ``x``
+    (the end of a post-activation branch: a BN or SE output that only this dropout reads). There the fused kernel
+    overwrites ``x`` instead of allocating an output, when autograd does not need ``x`` either (its ``grad_fn`` is a
+    batch norm, a multiply or an add, none of which keeps its output) and ``producer`` has no hooks. This is what
+    keeps the placement's peak memory near the model's without dropout on a CPU.
 
     Example:
         >>> import torch
@@ -176,5 +188,14 @@ def run_dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if (_FAST and not torch.compiler.is_compiling() and type(module) is nn.Dropout and module.training
             and not module.inplace and _plain_cpu_float(x) and 0.0 < module.p < 1.0
             and not _has_hooks(module)):
-        return fast_dropout(x, module.p)
+        return fast_dropout(x, module.p, inplace=producer is not None and _may_overwrite(x, producer))
     return module(x)
+
+
+# autograd nodes that keep their inputs (or nothing) for backward, never their output
+_OVERWRITABLE = frozenset({'NativeBatchNormBackward0', 'MulBackward0', 'AddBackward0'})
+
+
+def _may_overwrite(x: torch.Tensor, producer: nn.Module) -> bool:
+    return (type(x.grad_fn).__name__ in _OVERWRITABLE and x._base is None and not _has_hooks(producer)
+            and _native.load() is not None)

@@ -27,15 +27,22 @@ static inline uint64_t splitmix64(uint64_t z) {
 /* Below this many elements a second thread costs more than it saves. */
 #define TDF_PARALLEL_MIN 65536
 
-/* x * 0 (not a literal 0) for dropped elements, so NaN and inf propagate as they do through torch's x * mask. */
+/* x * 0 (not a literal 0) for dropped elements, so NaN and inf propagate as they do through torch's x * mask.
+ * The _inplace variants overwrite x (the restrict-qualified ones must not be given out == x). */
+#define TDF_LOOP(T, SRC, DST)                                                                                      \
+    _Pragma("omp parallel for if(n >= TDF_PARALLEL_MIN) num_threads(threads) schedule(static)")                    \
+    for (int64_t i = 0; i < n; ++i) {                                                                              \
+        uint32_t r = (uint32_t)(splitmix64(seed + (uint64_t)(i + 1) * GAMMA) >> 32);                               \
+        DST[i] = SRC[i] * (r >= t ? scale : (T)0);                                                                 \
+    }
+
 #define TDF_DROPOUT(NAME, T)                                                                                       \
     TDF_CLONES void NAME(const T *restrict x, T *restrict out, int64_t n, uint64_t seed, uint32_t t, T scale,      \
                          int threads) {                                                                            \
-        _Pragma("omp parallel for if(n >= TDF_PARALLEL_MIN) num_threads(threads) schedule(static)")                \
-        for (int64_t i = 0; i < n; ++i) {                                                                          \
-            uint32_t r = (uint32_t)(splitmix64(seed + (uint64_t)(i + 1) * GAMMA) >> 32);                           \
-            out[i] = x[i] * (r >= t ? scale : (T)0);                                                               \
-        }                                                                                                          \
+        TDF_LOOP(T, x, out)                                                                                        \
+    }                                                                                                              \
+    TDF_CLONES void NAME##_inplace(T *x, int64_t n, uint64_t seed, uint32_t t, T scale, int threads) {             \
+        TDF_LOOP(T, x, x)                                                                                          \
     }
 
 TDF_DROPOUT(tdf_dropout_f32, float)
