@@ -57,6 +57,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, RandomSampler  # noqa: E402
 
 from _common import RESULTS_DIR, command_line, mean_std, shared_dir, utc_now, write_result  # noqa: E402
+from finetune.stats import paired_t_interval  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # resnet50's pretrained_cfg values
 RRC_SCALE = (0.5, 1.0)  # cv_example's RandomResizedCrop scale, used by both paths
@@ -69,7 +70,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                   steps=2, chunks=1, dropfix_size=(96, 8), dropfix_pairs=8, memory_sizes=[(96, 8)],
                   models=['resnet50'], workers=2),
     'default': dict(sizes=[(224, 16), (128, 16)], loader_batch=32, loader_repeats=5, epoch_images=370,
-                    steps=3, chunks=2, dropfix_size=(128, 16), dropfix_pairs=8,
+                    steps=3, chunks=2, dropfix_size=(128, 16), dropfix_pairs=20,
                     memory_sizes=[(224, 16), (128, 16)], models=['resnet50'], workers=2),
     # a seconds-long run of every code path (development and tests), not a measurement
     'smoke': dict(sizes=[(64, 2)], loader_batch=8, loader_repeats=1, epoch_images=16, steps=1, chunks=1,
@@ -415,7 +416,9 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
     def overhead(k: str) -> dict[str, Any]:
         ratios = [b / a - 1.0 for a, b in zip(times['no_dropout'], times[k])]
         wall_ratios = [b / a - 1.0 for a, b in zip(wall['no_dropout'], wall[k])]
+        ci = paired_t_interval(ratios, [0.0] * len(ratios))
         return {'overhead_per_pair': summary(ratios), 'overhead_median': statistics.median(ratios),
+                'overhead_mean_ci95': [ci['ci_low'], ci['ci_high']] if len(ratios) > 1 else None,
                 'wall_overhead_median': statistics.median(wall_ratios)}
 
     out = {'size': size, 'batch': batch, 'timer': 'process CPU time' if device.type == 'cpu' else 'wall (synced)',
@@ -424,8 +427,8 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
            'step_wall_s': {k: summary(v) for k, v in wall.items()}, **overhead('dropfix'),
            'arms': {k: overhead(k) for k in trainers if k not in ('no_dropout', 'dropfix')}}
     if device.type == 'cpu':
-        from timm_dropfix import _native
-        out['cpu_dropout_kernel'] = 'fused C' if _native.load() is not None else 'torch ops (no C compiler)'
+        import timm_dropfix
+        out['cpu_dropout_kernel'] = timm_dropfix.cpu_dropout_kernel()
     if device.type == 'cuda':
         peaks = {k: step_peak_bytes(lambda k=k: trainers[k].step(x, y), device)
                  for k in ('no_dropout', 'dropfix')}
@@ -823,15 +826,18 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines += ['', f"Step time measured as {d['timer']}. "
               f"dropfix overhead: median of paired ratios {d['overhead_median']:+.2%}, mean "
               f"{d['overhead_per_pair']['mean']:+.2%} ± {d['overhead_per_pair']['std']:.2%} "
-              f"over {d['overhead_per_pair']['n']} interleaved rounds (wall-time median "
+              + (f"(95% CI of the mean [{d['overhead_mean_ci95'][0]:+.2%}, {d['overhead_mean_ci95'][1]:+.2%}]) "
+                 if d.get('overhead_mean_ci95') else '')
+              + f"over {d['overhead_per_pair']['n']} interleaved rounds (wall-time median "
               f"{d['wall_overhead_median']:+.2%}). Peak memory overhead "
               f"{d['peak_mem_overhead']:+.2%}" + (f"; saved-activation overhead {d['saved_activation_overhead']:+.2%}"
                                                   if 'saved_activation_overhead' in d else '') + '.', '']
     if d.get('arms'):
-        kernel = d.get('cpu_dropout_kernel', 'torch ops')
+        kernel = d.get('cpu_dropout_kernel', 'torch_ops')
         lines += ['dropfix runs timm_dropfix\'s default route: on CPU its fast dropout (here: '
-                  f'{kernel}; the fused kernel hashes 32 bits per element in one pass and recomputes the mask in '
-                  'backward, the torch-ops path draws 16 bits per element and keeps a float mask); '
+                  f'`{kernel}`; `fused`: one pass of a C kernel hashing 32 bits per element, the mask recomputed in '
+                  'backward, in place at the end of post-activation branches; `torch_ops`: 16 bits per element from '
+                  'torch\'s generator, a float mask kept); '
                   'dropfix_torch_kernel is the same model on torch\'s own dropout kernel; mask_only replaces every '
                   'dropout by a multiply with a mask drawn once and kept for backward: what a dropout that is not '
                   'fused costs before it draws a single random number.', '']

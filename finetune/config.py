@@ -56,10 +56,10 @@ class TrainConfig:
     head_drop_rate: float = 0.2
     branch_position: str = 'recommended'
     head_position: str = 'before_pool'
-    # eager CPU training runs the dropfix dropouts through timm_dropfix.fast_dropout: the same distribution (rate
-    # rounded to 1/65536) for less time than torch's CPU kernel (placement +7 to +10 % step time against +11 to
-    # +20 %, README Speed); False: torch's kernel, e.g. to repeat runs made before it; None: the process default
-    # (timm_dropfix.use_fast_dropout(), on unless TIMM_DROPFIX_FAST_DROPOUT=0). No effect on GPUs
+    # eager CPU training runs the dropfix dropouts through timm_dropfix.fast_dropout: the same distribution, a
+    # fraction of the time and memory of torch's CPU kernel (README Speed); False: torch's kernel, e.g. to repeat
+    # runs made before it; None: the process default (timm_dropfix.use_fast_dropout(), on unless
+    # TIMM_DROPFIX_FAST_DROPOUT=0). No effect on GPUs
     fast_dropout: bool | None = None
     # optimisation
     optimizer: str = 'adamw'

@@ -336,7 +336,9 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
                    skipped=skipped, num_processes=accelerator.num_processes,
                    n_train=n_train, n_eval=n_eval, data_config=_jsonable(data_config),
                    fast_cpu_dropout=(timm_dropfix.use_fast_dropout() and accelerator.device.type == 'cpu'
-                                     and not cfg.dynamo_backend))
+                                     and not cfg.dynamo_backend),
+                   cpu_dropout_kernel=(timm_dropfix.cpu_dropout_kernel() if accelerator.device.type == 'cpu'
+                                       and not cfg.dynamo_backend else None))
     if main:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)  # the exported keys lack _orig_mod.
         info = dict(dropfix=built.dropfix, dropout_summary=str(timm_dropfix.summarize(unwrapped)),

@@ -134,6 +134,7 @@ def test_fast_dropout_is_the_default_and_switchable_per_run(tiny_pets, tmp_path,
     from unittest import mock
     from timm_dropfix import fastdrop
     assert rewritten_run[0].fast_dropout is None and rewritten_run[1]['fast_cpu_dropout'] is True
+    assert rewritten_run[1]['cpu_dropout_kernel'] == 'fused'  # CI has a C compiler
     before = timm_dropfix.use_fast_dropout()
     runs = [(True, False, False), (False, None, False), (False, True, True)]  # process default, config, fast?
     try:
@@ -143,6 +144,7 @@ def test_fast_dropout_is_the_default_and_switchable_per_run(tiny_pets, tmp_path,
                 m = train(tiny_cfg(tiny_pets, tmp_path / str(i), rewrite=True, epochs=1, fast_dropout=flag,
                                    log_with='none'))
             assert (spy.call_count > 0) is fast and m['fast_cpu_dropout'] is fast, (default, flag)
+            assert m['cpu_dropout_kernel'] == ('fused' if fast else 'torch')
             assert timm_dropfix.use_fast_dropout() is default
     finally:
         timm_dropfix.set_fast_dropout(before)

@@ -30,7 +30,7 @@ from torch.nn.modules import module as _module_hooks
 
 from . import _native
 
-__all__ = ['fast_dropout', 'run_dropout', 'set_fast_dropout', 'use_fast_dropout']
+__all__ = ['fast_dropout', 'run_dropout', 'set_fast_dropout', 'use_fast_dropout', 'cpu_dropout_kernel']
 
 _LEVELS = 1 << 16  # the torch-ops path's 16-bit words
 _LEVELS32 = 1 << 32  # the fused kernel's 32-bit words
@@ -62,6 +62,20 @@ def use_fast_dropout() -> bool:
         True
     """
     return _FAST
+
+
+def cpu_dropout_kernel() -> str:
+    """Which kernel the dropfix blocks and heads use in eager CPU training now: ``'fused'`` (the C kernel),
+    ``'torch_ops'`` (the fast path without a C compiler) or ``'torch'`` (switched off: torch's own kernel). Builds
+    the C kernel if it is not built yet. Run records keep this to say how they were trained.
+
+    Example:
+        >>> cpu_dropout_kernel() in ('fused', 'torch_ops', 'torch')
+        True
+    """
+    if not _FAST:
+        return 'torch'
+    return 'fused' if _native.load() is not None else 'torch_ops'
 
 
 def fast_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
