@@ -19,6 +19,7 @@ import _common  # noqa: E402
 import cifar10  # noqa: E402
 import compare_grids  # noqa: E402
 import data_paths  # noqa: E402
+import dropout_speed  # noqa: E402
 import module_tests  # noqa: E402
 import pets_fewshot  # noqa: E402
 import throughput  # noqa: E402
@@ -308,3 +309,20 @@ def test_compare_grids_pairs_units_and_spots_identical_runs(tmp_path):
     assert '| recommended | 3 | False | +3.33 [' in (tmp_path / 'cmp.md').read_text()
     with pytest.raises(SystemExit, match='no such results file'):
         compare_grids.main([str(tmp_path / 'missing.json'), str(b), '--out', str(tmp_path / 'x')])
+
+
+# ---------------------------------------------------------------- dropout_speed.py
+
+def test_dropout_speed_times_every_kernel_at_every_shape(tmp_path):
+    dropout_speed.main(['--repeats', '2', '--out', str(tmp_path / 'ds')])
+    r = json.loads((tmp_path / 'ds.json').read_text())
+    assert r['meta']['command'].startswith('python benchmarks/dropout_speed.py') and r['cpu_dropout_kernel'] == 'fused'
+    assert set(r['timings']) == {str(torch.get_num_threads()), '1'}
+    for passes in r['timings'].values():
+        assert set(passes) == {'forward', 'forward_backward'}
+        for shapes in passes.values():
+            assert len(shapes) == 4
+            for ks in shapes.values():
+                assert set(ks) == {'torch', 'fused', 'fused_inplace', 'torch_ops', 'mask_multiply', 'plain_multiply'}
+                assert all(k['n'] == 2 and k['median'] > 0 for k in ks.values())
+    assert '| 16x256x32x32 |' in (tmp_path / 'ds.md').read_text()
