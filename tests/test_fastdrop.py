@@ -38,8 +38,9 @@ def levels(request, monkeypatch):
 
 @pytest.mark.parametrize('p', [0.1, 0.5, 0.9])
 def test_rate_scale_and_every_lane_of_a_word(p, levels):
-    """Drop rate p (rounded to a word level) overall and at every fourth element (the torch-ops path's four 16-bit
-    lanes of a draw), kept values scaled by the exact inverse keep rate, so the mean of many outputs is the input."""
+    """Drop rate p (rounded to a word level) overall and at each position in a block of 16 elements (the fused
+    kernel's two 32-bit halves of eight hashes; the torch-ops path's four 16-bit lanes of a draw), kept values scaled
+    by the exact inverse keep rate, so the mean of many outputs is the input."""
     torch.manual_seed(0)
     n = 400_000
     y = timm_dropfix.fast_dropout(torch.ones(n), p)
@@ -47,8 +48,8 @@ def test_rate_scale_and_every_lane_of_a_word(p, levels):
     q = t / levels
     dropped = y == 0
     assert _within(int(dropped.sum()), n, q)
-    for lane in range(4):  # a generator without the full 64-bit range would leave one lane never dropping
-        assert _within(int(dropped[lane::4].sum()), n // 4, q)
+    for lane in range(16):  # a generator without the full 64-bit range would leave one lane never dropping
+        assert _within(int(dropped[lane::16].sum()), n // 16, q)
     assert set(y.unique().tolist()) == {0.0, torch.tensor(levels / (levels - t), dtype=torch.float32).item()}
     assert abs(y.double().mean().item() - 1.0) < 6 * math.sqrt(q / (1 - q) / n)
 
@@ -57,7 +58,7 @@ def test_neighbours_drop_independently(levels):
     torch.manual_seed(1)
     n, p = 400_000, 0.3
     d = (timm_dropfix.fast_dropout(torch.ones(n), p) == 0).float()
-    for gap in (1, 2, 3, 4, 5, 64):  # same word, next word, far apart
+    for gap in (1, 2, 3, 4, 5, 8, 16, 17, 64):  # same word or hash, the next ones, far apart
         both = int((d[gap:] * d[:-gap]).sum())
         assert _within(both, n - gap, p * p), gap
 

@@ -8,9 +8,10 @@ threads, in which element ``i`` is dropped when the top 32 bits of a SplitMix64 
 ``round(p * 2**32)``; the seed is one 64-bit draw from torch's CPU generator per call. So the drop probability is
 ``p`` within 1.2e-10, kept values are scaled by the exact inverse of the keep probability, results are deterministic
 under ``torch.manual_seed`` and independent of the thread count, and the backward pass recomputes the mask from the
-seed: nothing but the seed is kept for it. Where no C compiler is available, a torch-ops path draws 16 random bits
-per element (four lanes of one 64-bit draw of torch's generator, ``p`` rounded to a multiple of 1/65536) and keeps a
-float mask, like torch's kernel.
+seed: nothing but the seed is kept for it. At the end of a post-activation branch the blocks let it overwrite the BN
+or SE output it drops (see :func:`run_dropout`), so it allocates nothing there either. Where no C compiler is
+available, a torch-ops path draws 16 random bits per element (four lanes of one 64-bit draw of torch's generator,
+``p`` rounded to a multiple of 1/65536) and keeps a float mask, like torch's kernel.
 
 The blocks and heads of this package run their dropout modules through :func:`run_dropout`, which takes this path
 only where nothing else can tell the difference: eager mode, a plain CPU float32/float64 tensor, and a plain

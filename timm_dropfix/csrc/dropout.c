@@ -1,10 +1,11 @@
 /* Fused inverted dropout over a dense CPU buffer, for timm_dropfix/fastdrop.py (built by timm_dropfix/_native.py).
  *
- * Element i (in memory order) is kept, times `scale`, when the top 32 bits of SplitMix64's output for the state
- * seed + (i + 1) * GAMMA are >= t, and zeroed otherwise. The mask is a pure function of (seed, i): the same for any
- * thread count, so the backward pass recomputes it from the seed instead of keeping it in memory. One pass reads x
- * and writes out, the cost of a plain multiply; torch's CPU kernel draws each element with a serial sampler and
- * keeps a float mask for backward.
+ * Elements go in blocks of 16 (in memory order). Element i = 16 b + 8 h + j (j < 8) is kept, times `scale`, when
+ * word h (h = 0: the low 32 bits, 1: the high 32 bits) of SplitMix64's output for the state
+ * seed + (8 b + j + 1) * GAMMA is >= t, and zeroed otherwise: one 64-bit hash per two elements, laid out so that
+ * the compiler vectorizes it. The mask is a pure function of (seed, i): the same for any thread count, so the
+ * backward pass recomputes it from the seed instead of keeping it in memory. One pass reads x and writes out;
+ * torch's CPU kernel draws each element with a serial sampler and keeps a float mask for backward.
  */
 #include <stdint.h>
 
@@ -29,11 +30,21 @@ static inline uint64_t splitmix64(uint64_t z) {
 
 /* x * 0 (not a literal 0) for dropped elements, so NaN and inf propagate as they do through torch's x * mask.
  * The _inplace variants overwrite x (the restrict-qualified ones must not be given out == x). */
+#define TDF_KEEP(T, h, hi) (((uint32_t)((h) >> ((hi) * 32))) >= t ? scale : (T)0)
+
 #define TDF_LOOP(T, SRC, DST)                                                                                      \
+    int64_t blocks = n / 16;                                                                                       \
     _Pragma("omp parallel for if(n >= TDF_PARALLEL_MIN) num_threads(threads) schedule(static)")                    \
-    for (int64_t i = 0; i < n; ++i) {                                                                              \
-        uint32_t r = (uint32_t)(splitmix64(seed + (uint64_t)(i + 1) * GAMMA) >> 32);                               \
-        DST[i] = SRC[i] * (r >= t ? scale : (T)0);                                                                 \
+    for (int64_t b = 0; b < blocks; ++b) {                                                                         \
+        uint64_t h[8];                                                                                             \
+        for (int j = 0; j < 8; ++j) h[j] = splitmix64(seed + (uint64_t)(8 * b + j + 1) * GAMMA);                  \
+        for (int j = 0; j < 8; ++j) DST[16 * b + j] = SRC[16 * b + j] * TDF_KEEP(T, h[j], 0);                      \
+        for (int j = 0; j < 8; ++j) DST[16 * b + 8 + j] = SRC[16 * b + 8 + j] * TDF_KEEP(T, h[j], 1);              \
+    }                                                                                                              \
+    for (int64_t i = 16 * blocks; i < n; ++i) {                                                                    \
+        int64_t k = i - 16 * blocks;                                                                               \
+        uint64_t h = splitmix64(seed + (uint64_t)(8 * blocks + (k & 7) + 1) * GAMMA);                              \
+        DST[i] = SRC[i] * TDF_KEEP(T, h, k >> 3);                                                                  \
     }
 
 #define TDF_DROPOUT(NAME, T)                                                                                       \
