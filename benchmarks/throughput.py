@@ -65,13 +65,14 @@ RRC_SCALE = (0.5, 1.0)  # cv_example's RandomResizedCrop scale, used by both pat
 # sizes: (img_size, batch) pairs; the first is the headline (224 px). steps: timed steps per chunk,
 # chunks: interleaved baseline/toolkit chunks. dropfix_pairs: interleaved rounds of one step per dropout arm.
 # device_cache: also measure the toolkit with the whole cache in device memory (finetune --cache-on-device).
+# memory_repeats: rounds of the CPU peak-RSS probes (the median is reported).
 PROFILES: dict[str, dict[str, Any]] = {
     'quick': dict(sizes=[(224, 4), (96, 8)], loader_batch=32, loader_repeats=5, epoch_images=370,
                   steps=2, chunks=1, dropfix_size=(96, 8), dropfix_pairs=8, memory_sizes=[(96, 8)],
-                  models=['resnet50'], workers=2),
+                  memory_repeats=3, models=['resnet50'], workers=2),
     'default': dict(sizes=[(224, 16), (128, 16)], loader_batch=32, loader_repeats=5, epoch_images=370,
                     steps=3, chunks=2, dropfix_size=(128, 16), dropfix_pairs=20,
-                    memory_sizes=[(224, 16), (128, 16)], models=['resnet50'], workers=2),
+                    memory_sizes=[(224, 16), (128, 16)], memory_repeats=3, models=['resnet50'], workers=2),
     # a seconds-long run of every code path (development and tests), not a measurement
     'smoke': dict(sizes=[(64, 2)], loader_batch=8, loader_repeats=1, epoch_images=16, steps=1, chunks=1,
                   dropfix_size=(64, 2), dropfix_pairs=1, memory_sizes=[(64, 2)], models=['resnet50'], workers=1,
@@ -502,18 +503,34 @@ def child_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_children(cfgs: list[dict[str, Any]], timeout: float = 600) -> list[dict[str, Any]]:
+def run_children(cfgs: list[dict[str, Any]], repeats: int = 1, timeout: float = 600) -> list[dict[str, Any]]:
     """Run the memory probes, all at once: each measures only its own peak RSS, so sharing the cores
-    does not change the numbers, and the run is shorter."""
-    procs = [subprocess.Popen([sys.executable, __file__, '--_child', json.dumps(c)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for c in cfgs]
-    results = []
-    for cfg, proc in zip(cfgs, procs):
-        out, err = proc.communicate(timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f'memory probe {cfg} failed:\n{err[-3000:]}')
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    does not change the numbers, and the run is shorter. With ``repeats``, that many rounds one after another
+    (peak RSS varies by tens of MiB between identical processes, with the allocator's thresholds); each config's
+    result is the probe with the median ``peak_mem``, with every round's value in ``peak_mem_runs``."""
+    rounds = []
+    for _ in range(repeats):
+        procs = [subprocess.Popen([sys.executable, __file__, '--_child', json.dumps(c)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for c in cfgs]
+        results = []
+        for cfg, proc in zip(cfgs, procs):
+            out, err = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                raise RuntimeError(f'memory probe {cfg} failed:\n{err[-3000:]}')
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        rounds.append(results)
+    return [median_probe(list(runs)) for runs in zip(*rounds)]
+
+
+def median_probe(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The probe with the median ``peak_mem`` (the lower middle one for an even count), with every run's value.
+
+    Example:
+        >>> median_probe([{'peak_mem': 3}, {'peak_mem': 1}, {'peak_mem': 2}])
+        {'peak_mem': 2, 'peak_mem_runs': [3, 1, 2]}
+    """
+    ordered = sorted(runs, key=lambda r: r['peak_mem'])
+    return dict(ordered[(len(ordered) - 1) // 2], peak_mem_runs=[r['peak_mem'] for r in runs])
 
 
 def gpu_memory(fn: Callable[[], None], device: torch.device) -> int:
@@ -681,7 +698,8 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
                                                   'size': dsize, 'batch': dbatch}))
             mem_key = 'peak_mem'
         if probes:
-            for (target, key, _), res in zip(probes, run_children([c for _, _, c in probes])):
+            for (target, key, _), res in zip(probes, run_children([c for _, _, c in probes],
+                                                                  repeats=prof.get('memory_repeats', 1))):
                 target[key] = res
             print('memory probes: ' + ', '.join(f"{c.get('path', k)}@{c['size']}px "
                                                 f"{r['peak_mem'] / 2**20:.0f} MiB"
@@ -814,15 +832,18 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines += ['', 'Achieved TFLOP/s = img/s x training FLOPs per image (forward + backward, FlopCounterMode); '
               'epoch s is measured on CUDA and estimated (epoch images / img/s) on CPU.']
     lines += ['', f"## Recommended dropout placement vs no dropout (resnet50, {d['size']} px, batch {d['batch']}, "
-              'toolkit config)', '', '| | step s | overhead (median of rounds) | peak memory | saved activations |',
+              'toolkit config)', '', '| | step s | overhead (median of rounds) | peak memory (median of probes) | saved activations |',
               '|---|---|---|---|---|']
     arms = {'dropfix': d, **d.get('arms', {})}
     for k in d['step_s']:
         m = d['memory'].get(k, {})
         pm = m.get('peak_mem_bytes', m.get('peak_mem'))
+        runs = m.get('peak_mem_runs', [])
+        pm_cell = (f'{pm / mib:.0f} MiB' + (f" (runs: {', '.join(f'{r / mib:.0f}' for r in runs)})"
+                                             if len(runs) > 1 else '')) if pm else '-'
         sa = f"{m['saved_activation_bytes'] / mib:.0f} MiB" if 'saved_activation_bytes' in m else '-'
         ov = f"{arms[k]['overhead_median']:+.2%}" if k in arms else '-'
-        lines.append(f"| {k} | {ms(d['step_s'][k])} | {ov} | {f'{pm / mib:.0f} MiB' if pm else '-'} | {sa} |")
+        lines.append(f"| {k} | {ms(d['step_s'][k])} | {ov} | {pm_cell} | {sa} |")
     lines += ['', f"Step time measured as {d['timer']}. "
               f"dropfix overhead: median of paired ratios {d['overhead_median']:+.2%}, mean "
               f"{d['overhead_per_pair']['mean']:+.2%} ± {d['overhead_per_pair']['std']:.2%} "
@@ -844,7 +865,8 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines += _compiled_lines(d) + [
               'CPU peak memory: a fresh process per config runs one training step; peak RSS during it (VmHWM) minus '
               'the RSS right after the imports, i.e. model, gradients, Adam state, batch and activations (the '
-              'CPU counterpart of CUDA max_memory_allocated). Loader workers are listed separately (unique memory). '
+              'CPU counterpart of CUDA max_memory_allocated); the median of the profile\'s rounds of probes. '
+              'Loader workers are listed separately (unique memory). '
               'Saved activations: the distinct tensors autograd keeps for backward in that step.', '']
     return '\n'.join(lines)
 

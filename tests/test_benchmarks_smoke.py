@@ -326,3 +326,10 @@ def test_dropout_speed_times_every_kernel_at_every_shape(tmp_path):
                 assert set(ks) == {'torch', 'fused', 'fused_inplace', 'torch_ops', 'mask_multiply', 'plain_multiply'}
                 assert all(k['n'] == 2 and k['median'] > 0 for k in ks.values())
     assert '| 16x256x32x32 |' in (tmp_path / 'ds.md').read_text()
+
+
+def test_memory_probe_rounds_report_the_median_and_every_run():
+    runs = [{'peak_mem': 900, 'saved': 1}, {'peak_mem': 850, 'saved': 2}, {'peak_mem': 1000, 'saved': 3}]
+    assert throughput.median_probe(runs) == {'peak_mem': 900, 'saved': 1, 'peak_mem_runs': [900, 850, 1000]}
+    assert throughput.median_probe(runs[:2])['peak_mem'] == 850  # even count: the lower middle
+    assert throughput.PROFILES['quick']['memory_repeats'] == throughput.PROFILES['default']['memory_repeats'] == 3

@@ -4,8 +4,9 @@ torch's CPU dropout draws every element's keep/drop with a serial Bernoulli samp
 project's 2-core machine) and keeps a float mask for backward, which made the recommended placement cost 10 to 20 %
 of a resnet50 training step there and +22 % of its peak memory. :func:`fast_dropout` runs a fused C kernel
 (``csrc/dropout.c``, built once per machine by :mod:`timm_dropfix._native`): one pass over the tensor, on torch's
-threads, in which element ``i`` is dropped when the top 32 bits of a SplitMix64 hash of ``(seed, i)`` fall below
-``round(p * 2**32)``; the seed is one 64-bit draw from torch's CPU generator per call. So the drop probability is
+threads, in which an element is dropped when its 32-bit word falls below ``round(p * 2**32)``. The words are the
+two halves of SplitMix64 hashes of the seed and the element's index (one hash per two elements); the seed is one
+64-bit draw from torch's CPU generator per call. So the drop probability is
 ``p`` within 1.2e-10, kept values are scaled by the exact inverse of the keep probability, results are deterministic
 under ``torch.manual_seed`` and independent of the thread count, and the backward pass recomputes the mask from the
 seed: nothing but the seed is kept for it. At the end of a post-activation branch the blocks let it overwrite the BN
