@@ -430,12 +430,55 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
     if device.type == 'cpu':
         import timm_dropfix
         out['cpu_dropout_kernel'] = timm_dropfix.cpu_dropout_kernel()
+        if not compile_backend and out['cpu_dropout_kernel'] == 'fused':
+            out['dropout_call_share'] = dropout_call_share(trainers['dropfix'], x, y, steps=max(3, min(pairs, 8)))
     if device.type == 'cuda':
         peaks = {k: step_peak_bytes(lambda k=k: trainers[k].step(x, y), device)
                  for k in ('no_dropout', 'dropfix')}
         out['step_peak_bytes'] = peaks
         out['step_peak_overhead'] = peaks['dropfix'] / peaks['no_dropout'] - 1.0
     return out
+
+
+def dropout_call_share(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, Any]:
+    """Share of each CPU step spent inside the fused dropout's own calls (forward and backward of
+    ``timm_dropfix.fastdrop._FusedDropout``: output allocation, seed, kernel), in process CPU time and in wall
+    time. A direct estimate of the dropout's cost that other tenants of the machine disturb far less than the
+    difference of two noisy step times; it leaves out indirect costs (caches the dropout evicts)."""
+    from timm_dropfix import fastdrop
+    fn = fastdrop._FusedDropout
+    spent = {'cpu': 0.0, 'wall': 0.0, 'calls': 0}
+    depth = [0]  # backward applies the same Function again: count only the outermost call
+    originals = {'forward': fn.forward, 'backward': fn.backward}
+
+    def timed(call: Callable) -> Callable:
+        def run(*args):
+            depth[0] += 1
+            c0, t0 = time.process_time(), time.perf_counter()
+            try:
+                return call(*args)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent['cpu'] += time.process_time() - c0
+                    spent['wall'] += time.perf_counter() - t0
+                    spent['calls'] += 1
+        return staticmethod(run)
+
+    shares: dict[str, list[float]] = {'cpu': [], 'wall': []}
+    calls = 0
+    try:
+        fn.forward, fn.backward = timed(originals['forward']), timed(originals['backward'])
+        for _ in range(steps):
+            spent.update(cpu=0.0, wall=0.0, calls=0)
+            c0, t0 = time.process_time(), time.perf_counter()
+            trainer.step(x, y)
+            shares['cpu'].append(spent['cpu'] / (time.process_time() - c0))
+            shares['wall'].append(spent['wall'] / (time.perf_counter() - t0))
+            calls = spent['calls']
+    finally:
+        fn.forward, fn.backward = staticmethod(originals['forward']), staticmethod(originals['backward'])
+    return {'cpu': summary(shares['cpu']), 'wall': summary(shares['wall']), 'calls_per_step': calls}
 
 
 def saved_activation_bytes(model: torch.nn.Module, trainer: Trainer, x, y) -> int:
@@ -853,6 +896,13 @@ def to_markdown(res: dict[str, Any]) -> str:
               f"{d['wall_overhead_median']:+.2%}). Peak memory overhead "
               f"{d['peak_mem_overhead']:+.2%}" + (f"; saved-activation overhead {d['saved_activation_overhead']:+.2%}"
                                                   if 'saved_activation_overhead' in d else '') + '.', '']
+    share = d.get('dropout_call_share')
+    if share:
+        lines += [f"Direct cost: the fused dropout's own calls ({share['calls_per_step']} per step, forward and "
+                  f"backward) took {share['cpu']['mean']:.2%} ± {share['cpu']['std']:.2%} of each step's process CPU "
+                  f"time ({share['wall']['mean']:.2%} ± {share['wall']['std']:.2%} of its wall time) over "
+                  f"{share['cpu']['n']} more steps: the cost of the dropout itself, less disturbed by the machine's "
+                  'noise than the difference of two step times, without its indirect effects (e.g. on caches).', '']
     if d.get('arms'):
         kernel = d.get('cpu_dropout_kernel', 'torch_ops')
         lines += ['dropfix runs timm_dropfix\'s default route: on CPU its fast dropout (here: '

@@ -277,6 +277,8 @@ def test_throughput_smoke_measures_both_paths_and_the_dropout(tmp_path, shared_p
     saved = {k: d['memory'][k]['saved_activation_bytes'] for k in ('no_dropout', 'dropfix', 'dropfix_torch_kernel')}
     assert saved['dropfix'] == saved['no_dropout'] < saved['dropfix_torch_kernel']
     assert d['cpu_dropout_kernel'] == 'fused' and '`fused`' in (tmp_path / 'throughput_smoke.md').read_text()
+    share = d['dropout_call_share']  # resnet50: 17 dropouts (16 blocks + head), each forward and backward
+    assert share['calls_per_step'] == 34 and share['cpu']['n'] == 3 and 0 < share['wall']['mean'] < 1
     assert d['compiled']['compile_backend'] == 'eager' and d['compiled']['overhead_per_pair']['n'] == 1
     # on CPU also torch's own dropout kernel and the mask-only floor, each against the same no-dropout steps
     assert set(d['arms']) == {'dropfix_torch_kernel', 'mask_only'} and d['compiled']['arms'] == {}
