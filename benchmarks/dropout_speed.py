@@ -143,7 +143,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     t0, started = time.perf_counter(), utc_now()
     torch.manual_seed(0)
     threads = sorted({torch.get_num_threads(), 1}, reverse=True)
-    res = {'p': P, 'shapes': SHAPES, 'cpu_dropout_kernel': timm_dropfix.cpu_dropout_kernel(), 'timings': measure(args.repeats, threads)}
+    res = {'p': P, 'shapes': SHAPES, 'cpu_dropout_kernel': timm_dropfix.cpu_dropout_kernel(),
+           'timings': measure(args.repeats, threads)}
     out = Path(args.out)
     written = write_result(out.with_suffix('.json'), res, command=command_line(argv, 'benchmarks/dropout_speed.py'),
                            seeds=[0], wall_time_s=time.perf_counter() - t0, started_at=started)

@@ -65,7 +65,7 @@ RRC_SCALE = (0.5, 1.0)  # cv_example's RandomResizedCrop scale, used by both pat
 # sizes: (img_size, batch) pairs; the first is the headline (224 px). steps: timed steps per chunk,
 # chunks: interleaved baseline/toolkit chunks. dropfix_pairs: interleaved rounds of one step per dropout arm.
 # device_cache: also measure the toolkit with the whole cache in device memory (finetune --cache-on-device).
-# memory_repeats: rounds of the CPU peak-RSS probes (the median is reported).
+# memory_repeats: rounds of the CPU peak-RSS probes of the dropout arms (the median is reported).
 PROFILES: dict[str, dict[str, Any]] = {
     'quick': dict(sizes=[(224, 4), (96, 8)], loader_batch=32, loader_repeats=5, epoch_images=370,
                   steps=2, chunks=1, dropfix_size=(96, 8), dropfix_pairs=8, memory_sizes=[(96, 8)],
@@ -431,7 +431,7 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
         import timm_dropfix
         out['cpu_dropout_kernel'] = timm_dropfix.cpu_dropout_kernel()
         if not compile_backend and out['cpu_dropout_kernel'] == 'fused':
-            out['dropout_call_share'] = dropout_call_share(trainers['dropfix'], x, y, steps=max(3, min(pairs, 8)))
+            out['dropout_call_share'] = dropout_call_share(trainers['dropfix'], x, y, steps=min(max(3, pairs // 2), 10))
     if device.type == 'cuda':
         peaks = {k: step_peak_bytes(lambda k=k: trainers[k].step(x, y), device)
                  for k in ('no_dropout', 'dropfix')}
@@ -546,23 +546,25 @@ def child_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_children(cfgs: list[dict[str, Any]], repeats: int = 1, timeout: float = 600) -> list[dict[str, Any]]:
+def run_children(cfgs: list[dict[str, Any]], repeats: int | list[int] = 1,
+                 timeout: float = 600) -> list[dict[str, Any]]:
     """Run the memory probes, all at once: each measures only its own peak RSS, so sharing the cores
-    does not change the numbers, and the run is shorter. With ``repeats``, that many rounds one after another
-    (peak RSS varies by tens of MiB between identical processes, with the allocator's thresholds); each config's
-    result is the probe with the median ``peak_mem``, with every round's value in ``peak_mem_runs``."""
-    rounds = []
-    for _ in range(repeats):
-        procs = [subprocess.Popen([sys.executable, __file__, '--_child', json.dumps(c)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for c in cfgs]
-        results = []
-        for cfg, proc in zip(cfgs, procs):
+    does not change the numbers, and the run is shorter. ``repeats`` (one count, or one per config): rounds one
+    after another, each running the configs that still need one (peak RSS varies by tens of MiB between
+    identical processes, with the allocator's thresholds); each config's result is the probe with the median
+    ``peak_mem``, with every round's value in ``peak_mem_runs``."""
+    counts = [repeats] * len(cfgs) if isinstance(repeats, int) else list(repeats)
+    runs: list[list[dict[str, Any]]] = [[] for _ in cfgs]
+    for r in range(max(counts, default=0)):
+        todo = [i for i, c in enumerate(counts) if c > r]
+        procs = [subprocess.Popen([sys.executable, __file__, '--_child', json.dumps(cfgs[i])],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in todo]
+        for i, proc in zip(todo, procs):
             out, err = proc.communicate(timeout=timeout)
             if proc.returncode != 0:
-                raise RuntimeError(f'memory probe {cfg} failed:\n{err[-3000:]}')
-            results.append(json.loads(out.strip().splitlines()[-1]))
-        rounds.append(results)
-    return [median_probe(list(runs)) for runs in zip(*rounds)]
+                raise RuntimeError(f'memory probe {cfgs[i]} failed:\n{err[-3000:]}')
+            runs[i].append(json.loads(out.strip().splitlines()[-1]))
+    return [median_probe(r) for r in runs]
 
 
 def median_probe(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -741,8 +743,9 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
                                                   'size': dsize, 'batch': dbatch}))
             mem_key = 'peak_mem'
         if probes:
-            for (target, key, _), res in zip(probes, run_children([c for _, _, c in probes],
-                                                                  repeats=prof.get('memory_repeats', 1))):
+            # the dropout's probes in memory_repeats rounds (their ratio is a target), the paths' once
+            counts = [prof.get('memory_repeats', 1) if c['kind'] == 'dropfix' else 1 for _, _, c in probes]
+            for (target, key, _), res in zip(probes, run_children([c for _, _, c in probes], repeats=counts)):
                 target[key] = res
             print('memory probes: ' + ', '.join(f"{c.get('path', k)}@{c['size']}px "
                                                 f"{r['peak_mem'] / 2**20:.0f} MiB"
@@ -875,7 +878,8 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines += ['', 'Achieved TFLOP/s = img/s x training FLOPs per image (forward + backward, FlopCounterMode); '
               'epoch s is measured on CUDA and estimated (epoch images / img/s) on CPU.']
     lines += ['', f"## Recommended dropout placement vs no dropout (resnet50, {d['size']} px, batch {d['batch']}, "
-              'toolkit config)', '', '| | step s | overhead (median of rounds) | peak memory (median of probes) | saved activations |',
+              'toolkit config)', '',
+              '| | step s | overhead (median of rounds) | peak memory (median of probes) | saved activations |',
               '|---|---|---|---|---|']
     arms = {'dropfix': d, **d.get('arms', {})}
     for k in d['step_s']:
@@ -915,7 +919,8 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines += _compiled_lines(d) + [
               'CPU peak memory: a fresh process per config runs one training step; peak RSS during it (VmHWM) minus '
               'the RSS right after the imports, i.e. model, gradients, Adam state, batch and activations (the '
-              'CPU counterpart of CUDA max_memory_allocated); the median of the profile\'s rounds of probes. '
+              'CPU counterpart of CUDA max_memory_allocated); for the dropout arms the median of the profile\'s '
+              'rounds of probes. '
               'Loader workers are listed separately (unique memory). '
               'Saved activations: the distinct tensors autograd keeps for backward in that step.', '']
     return '\n'.join(lines)

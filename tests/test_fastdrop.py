@@ -153,7 +153,8 @@ def test_kernel_build_is_cached_and_failures_fall_back(tmp_path, monkeypatch, ca
     assert len(list((tmp_path / 'tmp').glob('timm_dropfix-kernels-*/dropout-*.so'))) == 1
     monkeypatch.setenv('TIMM_DROPFIX_CACHE_DIR', str(tmp_path / 'other'))
     broken = tmp_path / 'broken-cc'
-    broken.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo broken 1.0; exit 0; fi\necho "no such flag" >&2; exit 1\n')
+    broken.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo broken 1.0; exit 0; fi\n'
+                      'echo "no such flag" >&2; exit 1\n')
     broken.chmod(0o755)
     monkeypatch.setenv('CC', str(broken))
     with caplog.at_level('WARNING', logger=native.__name__):
