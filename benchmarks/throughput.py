@@ -910,8 +910,8 @@ def to_markdown(res: dict[str, Any]) -> str:
     if d.get('arms'):
         kernel = d.get('cpu_dropout_kernel', 'torch_ops')
         lines += ['dropfix runs timm_dropfix\'s default route: on CPU its fast dropout (here: '
-                  f'`{kernel}`; `fused`: one pass of a C kernel hashing 32 bits per element, the mask recomputed in '
-                  'backward, in place at the end of post-activation branches; `torch_ops`: 16 bits per element from '
+                  f'`{kernel}`; `fused`: one pass of a C kernel, a 32-bit hashed word per element, the mask recomputed '
+                  'in backward, in place at the end of post-activation branches; `torch_ops`: 16 bits per element from '
                   'torch\'s generator, a float mask kept); '
                   'dropfix_torch_kernel is the same model on torch\'s own dropout kernel; mask_only replaces every '
                   'dropout by a multiply with a mask drawn once and kept for backward: what a dropout that is not '
