@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -90,9 +91,7 @@ def measure(repeats: int, threads: list[int]) -> dict[str, Any]:
             for backward in (False, True):
                 per_shape = per_pass.setdefault('forward_backward' if backward else 'forward', {})
                 for shape in SHAPES:
-                    n = 1
-                    for d in shape:
-                        n *= d
+                    n = math.prod(shape)
                     for fn in fns.values():
                         time_call(fn, shape, backward)  # warm-up: kernel build, first-touch of the allocator
                     samples: dict[str, list[float]] = {k: [] for k in fns}

@@ -253,15 +253,10 @@ class Trainer:
         import timm_dropfix
         if self.channels_last and not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
-        before = timm_dropfix.use_fast_dropout()
-        if self.fast_dropout is not None:
-            timm_dropfix.set_fast_dropout(self.fast_dropout)
-        try:
+        with timm_dropfix.fast_dropout_mode(self.fast_dropout):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = F.cross_entropy(self.model(x), y)
             loss.backward()
-        finally:
-            timm_dropfix.set_fast_dropout(before)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 

@@ -161,13 +161,8 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
         >>> metrics = train(cfg)  # doctest: +SKIP
     """
     # timm_dropfix's switch is process-wide: set for this run, then given back (bench runs many in one process)
-    previous = timm_dropfix.use_fast_dropout()
-    if cfg.fast_dropout is not None:
-        timm_dropfix.set_fast_dropout(cfg.fast_dropout)
-    try:
+    with timm_dropfix.fast_dropout_mode(cfg.fast_dropout):
         return _train(cfg, stop_after_epoch)
-    finally:
-        timm_dropfix.set_fast_dropout(previous)
 
 
 def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:

@@ -23,7 +23,9 @@ reproduce runs made with torch's kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -32,7 +34,8 @@ from torch.nn.modules import module as _module_hooks
 
 from . import _native
 
-__all__ = ['fast_dropout', 'run_dropout', 'set_fast_dropout', 'use_fast_dropout', 'cpu_dropout_kernel']
+__all__ = ['fast_dropout', 'run_dropout', 'set_fast_dropout', 'use_fast_dropout', 'fast_dropout_mode',
+           'cpu_dropout_kernel']
 
 _LEVELS = 1 << 16  # the torch-ops path's 16-bit words
 _LEVELS32 = 1 << 32  # the fused kernel's 32-bit words
@@ -64,6 +67,25 @@ def use_fast_dropout() -> bool:
         True
     """
     return _FAST
+
+
+@contextlib.contextmanager
+def fast_dropout_mode(enable: Optional[bool]) -> Iterator[None]:
+    """Set the process-wide switch of :func:`set_fast_dropout` for a block and give the previous value back after
+    it (also on an error); ``None`` leaves the switch as it is.
+
+    Example:
+        >>> with fast_dropout_mode(False):
+        ...     use_fast_dropout()
+        False
+    """
+    previous = _FAST
+    if enable is not None:
+        set_fast_dropout(enable)
+    try:
+        yield
+    finally:
+        set_fast_dropout(previous)
 
 
 def cpu_dropout_kernel() -> str:
@@ -141,7 +163,7 @@ class _FusedDropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if grad.stride() != ctx.stride or not _dense_layout(grad):
+        if grad.stride() != ctx.stride:  # equal strides on the same shape: the output's dense layout
             grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype).copy_(grad)
         return _FusedDropout.apply(grad, ctx.seed, ctx.t), None, None, None
 
