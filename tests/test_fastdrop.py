@@ -128,7 +128,8 @@ def test_fused_kernel_keeps_nothing_for_backward_and_recomputes_the_mask_in_any_
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one_thread, y)
-    seeded = lambda t: fastdrop._FusedDropout.apply(t, 1234, round(0.3 * 2 ** 32))
+    kernel = fastdrop._native.dropout_into
+    seeded = lambda t: fastdrop._FusedDropout.apply(t, 1234, round(0.3 * 2 ** 32), False, kernel)
     small = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(seeded, (small,)) and torch.autograd.gradgradcheck(seeded, (small,))
     nan = torch.full((1000,), float('nan'))
@@ -267,3 +268,39 @@ def test_branch_end_dropout_overwrites_the_fresh_bn_output_only_when_nothing_els
     assert not fastdrop._may_overwrite(relu_out, torch.nn.ReLU())
     with pytest.raises(RuntimeError, match='inplace'):  # autograd would refuse it anyway
         timm_dropfix.fast_dropout(relu_out, 0.5, inplace=True).sum().backward()
+
+
+def test_triton_kernel_under_the_interpreter():
+    """The CUDA path (the Triton kernel, its routing and autograd) on the CPU: ``tests/triton_interpreted.py`` in a
+    child pytest with TRITON_INTERPRET=1, which triton reads before it compiles anything."""
+    pytest.importorskip('triton')
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    run = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-W', 'error::UserWarning',
+                          os.path.join(here, 'triton_interpreted.py')], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(here), timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert ' passed' in run.stdout and ' failed' not in run.stdout
+
+
+def test_gpu_kernel_that_fails_its_probe_leaves_torchs_kernel(monkeypatch, caplog):
+    """A Triton kernel that cannot run (no compiler for this GPU, say) is found by one probe launch: a warning with
+    the reason, and tensors of its device go to torch's dropout."""
+    import types
+    broken = types.ModuleType('timm_dropfix._triton')
+
+    def fail(*args):
+        raise RuntimeError('ptxas not found')
+    broken.dropout_into = fail
+    monkeypatch.setitem(sys.modules, 'timm_dropfix._triton', broken)
+    monkeypatch.setattr(timm_dropfix, '_triton', broken, raising=False)
+    monkeypatch.setattr(fastdrop, '_GPU_DEVICE', 'cpu')  # CPU tensors stand in for CUDA ones
+    monkeypatch.setattr(fastdrop, '_gpu_state', {})
+    x = torch.randn(1000)
+    with caplog.at_level('WARNING', logger=fastdrop.__name__):
+        torch.manual_seed(0)
+        ours = timm_dropfix.fast_dropout(x, 0.5)
+    assert 'ptxas not found' in caplog.text and "torch's" in caplog.text
+    torch.manual_seed(0)
+    assert torch.equal(ours, F.dropout(x, 0.5))
+    assert timm_dropfix.dropout_kernel('cpu') == 'torch'

@@ -10,7 +10,9 @@ Example:
     >>> model = timm_dropfix.rewrite(timm.create_model('resnet18'), branch_drop_rate=0.1, head_drop_rate=0.2)
 """
 from .blocks import DROPFIX_BLOCKS, is_dropfix_block
-from .fastdrop import cpu_dropout_kernel, fast_dropout, fast_dropout_mode, set_fast_dropout, use_fast_dropout
+from .fastdrop import (
+    cpu_dropout_kernel, dropout_kernel, fast_dropout, fast_dropout_mode, set_fast_dropout, use_fast_dropout,
+)
 from .heads import DropfixResNet, DropfixTvResNet, PrePoolDropoutHead, set_v1_strides
 from .positions import BRANCH_POSITIONS, HEAD_POSITIONS, RECOMMENDED_BRANCH, RECOMMENDED_HEAD, list_positions
 from .rewrite import (
@@ -25,5 +27,5 @@ __all__ = [
     'BRANCH_POSITIONS', 'HEAD_POSITIONS', 'RECOMMENDED_BRANCH', 'RECOMMENDED_HEAD', 'SUPPORTED_FAMILIES',
     'DropfixSummary', 'UnsupportedModelError', 'PrePoolDropoutHead', 'DropfixResNet', 'DropfixTvResNet',
     'DropfixResNetV2', 'CifarPreResNet', 'DROPFIX_BLOCKS', 'is_dropfix_block', 'fast_dropout', 'set_fast_dropout',
-    'use_fast_dropout', 'fast_dropout_mode', 'cpu_dropout_kernel', '__version__',
+    'use_fast_dropout', 'fast_dropout_mode', 'dropout_kernel', 'cpu_dropout_kernel', '__version__',
 ]

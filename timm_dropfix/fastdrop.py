@@ -1,4 +1,4 @@
-"""A faster dropout for eager training on the CPU: the same distribution, the same ``nn.Dropout`` modules.
+"""A faster dropout for eager training: the same distribution, the same ``nn.Dropout`` modules.
 
 torch's CPU dropout draws every element's keep/drop with a serial Bernoulli sampler (7-15 ns per element on the
 project's 2-core machine) and keeps a float mask for backward, which made the recommended placement cost 10 to 20 %
@@ -14,18 +14,25 @@ or SE output it drops (see :func:`run_dropout`), so it allocates nothing there e
 available, a torch-ops path draws 16 random bits per element (four lanes of one 64-bit draw of torch's generator,
 ``p`` rounded to a multiple of 1/65536) and keeps a float mask, like torch's kernel.
 
+On CUDA (float16, bfloat16, float32) the same contract runs as a Triton kernel (:mod:`timm_dropfix._triton`:
+Philox words, one pass, nothing saved for backward, in place at branch ends), where torch's kernel writes a
+byte mask per element and allocates the output. Its seed is also drawn from the CPU generator, which needs no
+device synchronisation. One probe launch on first use checks it; where triton or its compiler is missing, CUDA
+tensors keep torch's kernel (:func:`dropout_kernel` says which runs).
+
 The blocks and heads of this package run their dropout modules through :func:`run_dropout`, which takes this path
-only where nothing else can tell the difference: eager mode, a plain CPU float32/float64 tensor, and a plain
-``nn.Dropout`` in training mode without hooks. Everything else (CUDA, ``torch.compile``, ``torch.export``,
-``torch.fx`` tracing, eval mode) calls the module itself, so the model's modules, state_dict and traced graphs are
-exactly as without this file. :func:`set_fast_dropout` (or ``TIMM_DROPFIX_FAST_DROPOUT=0``) turns it off, e.g. to
-reproduce runs made with torch's kernel.
+only where nothing else can tell the difference: eager mode, a plain tensor of a dtype and device above, and a
+plain ``nn.Dropout`` in training mode without hooks. Everything else (``torch.compile``, ``torch.export``,
+``torch.fx`` tracing, CUDA graph capture, eval mode) calls the module itself, so the model's modules, state_dict and
+traced graphs are exactly as without this file. :func:`set_fast_dropout` (or ``TIMM_DROPFIX_FAST_DROPOUT=0``)
+turns it off, e.g. to reproduce runs made with torch's kernel.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -35,11 +42,15 @@ from torch.nn.modules import module as _module_hooks
 from . import _native
 
 __all__ = ['fast_dropout', 'run_dropout', 'set_fast_dropout', 'use_fast_dropout', 'fast_dropout_mode',
-           'cpu_dropout_kernel']
+           'dropout_kernel', 'cpu_dropout_kernel']
 
 _LEVELS = 1 << 16  # the torch-ops path's 16-bit words
 _LEVELS32 = 1 << 32  # the fused kernel's 32-bit words
 _FLOATS = (torch.float32, torch.float64)
+_GPU_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_GPU_DEVICE = 'cuda'  # where the Triton kernel runs (the tests point it at the CPU under TRITON_INTERPRET=1)
+_gpu_state: dict = {}  # 'launch': the Triton kernel's launcher, or None once it proved unavailable
+_logger = logging.getLogger(__name__)
 _FAST = os.environ.get('TIMM_DROPFIX_FAST_DROPOUT', '1').strip().lower() not in ('0', 'false', 'no', 'off')
 
 
@@ -88,29 +99,47 @@ def fast_dropout_mode(enable: Optional[bool]) -> Iterator[None]:
         set_fast_dropout(previous)
 
 
+def dropout_kernel(device: str | torch.device = 'cpu') -> str:
+    """Which kernel the dropfix blocks and heads use in eager training on ``device`` now. CPU: ``'fused'`` (the C
+    kernel), ``'torch_ops'`` (the fast path without a C compiler); CUDA: ``'triton'`` (the Triton kernel, for
+    float16, bfloat16 and float32); anywhere: ``'torch'`` (torch's own kernel: switched off, another device, or the
+    kernel is not available here). Builds the kernel for that device if it is not built yet. Run records keep this
+    to say how they were trained.
+
+    Example:
+        >>> dropout_kernel('cpu') in ('fused', 'torch_ops', 'torch')
+        True
+    """
+    kind = torch.device(device).type
+    if not _FAST:
+        return 'torch'
+    if kind == _GPU_DEVICE:
+        return 'triton' if _gpu_kernel() is not None else 'torch'
+    if kind == 'cpu':
+        return 'fused' if _native.load() is not None else 'torch_ops'
+    return 'torch'
+
+
 def cpu_dropout_kernel() -> str:
-    """Which kernel the dropfix blocks and heads use in eager CPU training now: ``'fused'`` (the C kernel),
-    ``'torch_ops'`` (the fast path without a C compiler) or ``'torch'`` (switched off: torch's own kernel). Builds
-    the C kernel if it is not built yet. Run records keep this to say how they were trained.
+    """``dropout_kernel('cpu')``: ``'fused'``, ``'torch_ops'`` or ``'torch'``.
 
     Example:
         >>> cpu_dropout_kernel() in ('fused', 'torch_ops', 'torch')
         True
     """
-    if not _FAST:
-        return 'torch'
-    return 'fused' if _native.load() is not None else 'torch_ops'
+    return dropout_kernel('cpu')
 
 
 def fast_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
-    """Inverted dropout of ``x`` in training mode with the fused CPU kernel (see the module docstring).
+    """Inverted dropout of ``x`` in training mode with the fused kernel of its device (see the module docstring).
 
     Differentiable (the gradient is the same mask, recomputed from the seed), deterministic under
     ``torch.manual_seed``, keeps ``x``'s memory format when ``x`` is contiguous or channels_last. ``inplace``
     overwrites ``x`` as ``F.dropout(..., inplace=True)`` does (autograd refuses it where ``x`` is needed for
-    backward). Rates that round to 0 or 1, tensors that are not plain CPU float32/float64 ones (another device or
-    dtype, a tensor subclass, inside ``torch.func`` transforms) go to ``F.dropout`` instead, as does ``inplace``
-    without the fused kernel.
+    backward). Rates that round to 0 or 1, and tensors that are not plain CPU float32/float64 or CUDA
+    float16/bfloat16/float32 ones (another device or dtype, a tensor subclass, inside ``torch.func`` transforms,
+    CUDA without triton, CUDA graph capture) go to ``F.dropout`` instead, as does ``inplace`` without the fused
+    kernel.
 
     Example:
         >>> import torch
@@ -120,12 +149,13 @@ def fast_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tens
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f'dropout rate must be in [0, 1), got {p}: pass a rate like 0.1')
-    if not _plain_cpu_float(x) or x.numel() == 0:
+    if not _fast_path(x) or x.numel() == 0:
         return F.dropout(x, p, training=True, inplace=inplace)
-    if _native.load() is not None:
+    launch = _launcher(x)
+    if launch is not None:
         t = round(p * _LEVELS32)
         if 0 < t < _LEVELS32:
-            return _FusedDropout.apply(x, _draw_seed(), t, inplace and _dense_layout(x))
+            return _FusedDropout.apply(x, _draw_seed(), t, inplace and _dense_layout(x), launch)
         return F.dropout(x, p, training=True, inplace=inplace)
     t = round(p * _LEVELS)
     if inplace or not 0 < t < _LEVELS or x.numel() < 4:
@@ -149,7 +179,7 @@ class _FusedDropout(torch.autograd.Function):
     strides before the mask is recomputed. ``inplace`` (for a dense ``x``) writes into ``x``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, seed: int, t: int, inplace: bool = False) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, seed: int, t: int, inplace: bool, launch: Callable) -> torch.Tensor:
         if inplace:
             ctx.mark_dirty(x)
             out = x
@@ -157,15 +187,15 @@ class _FusedDropout(torch.autograd.Function):
             if not _dense_layout(x):
                 x = x.contiguous()
             out = torch.empty_like(x)  # the same strides as a dense x
-        _native.dropout_into(out, x, seed, t, _LEVELS32 / (_LEVELS32 - t))
-        ctx.seed, ctx.t, ctx.stride = seed, t, out.stride()
+        launch(out, x, seed, t, _LEVELS32 / (_LEVELS32 - t))
+        ctx.seed, ctx.t, ctx.stride, ctx.launch = seed, t, out.stride(), launch
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if grad.stride() != ctx.stride:  # equal strides on the same shape: the output's dense layout
-            grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype).copy_(grad)
-        return _FusedDropout.apply(grad, ctx.seed, ctx.t), None, None, None
+            grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+        return _FusedDropout.apply(grad, ctx.seed, ctx.t, False, ctx.launch), None, None, None, None
 
 
 class _WordDropout(torch.autograd.Function):
@@ -193,10 +223,47 @@ class _WordDropout(torch.autograd.Function):
         return grad * mask, None
 
 
-def _plain_cpu_float(x: torch.Tensor) -> bool:
-    # a Proxy (fx) or tensor subclass fails the exact type check; vmap/grad wrap tensors in the same Python type
-    return (type(x) is torch.Tensor and x.device.type == 'cpu' and x.dtype in _FLOATS
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+def _fast_path(x: torch.Tensor) -> bool:
+    """Whether ``x`` may take this module's dropout: a plain tensor (a Proxy (fx) or tensor subclass fails the exact
+    type check; vmap/grad wrap tensors in the same Python type) in a float dtype that one of the kernels takes."""
+    if type(x) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    if x.device.type == _GPU_DEVICE:
+        # a CUDA graph replays its kernels with the seed drawn at capture: torch's kernel advances its own offset
+        return (x.dtype in _GPU_FLOATS and _gpu_kernel() is not None
+                and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+    return x.device.type == 'cpu' and x.dtype in _FLOATS
+
+
+def _launcher(x: torch.Tensor) -> Optional[Callable]:
+    """The fused kernel for a tensor that passed :func:`_fast_path`, or None (no C compiler: the torch-ops path)."""
+    if x.device.type == _GPU_DEVICE:
+        return _gpu_kernel()
+    return _native.dropout_into if _native.load() is not None else None
+
+
+def _gpu_kernel() -> Optional[Callable]:
+    """The Triton kernel's launcher, after one probe launch; None where triton is missing or the probe fails (the
+    reason is logged once, and CUDA tensors keep torch's kernel)."""
+    if 'launch' not in _gpu_state:
+        launch = None
+        try:
+            if _GPU_DEVICE == 'cuda' and not torch.cuda.is_available():
+                raise LookupError('no CUDA device')
+            from . import _triton
+            probe = torch.ones(8, device=_GPU_DEVICE)
+            _triton.dropout_into(probe, probe, 1, 1 << 31, 2.0)
+            if set(probe.tolist()) <= {0.0, 2.0}:
+                launch = _triton.dropout_into
+            else:
+                _logger.warning('the Triton dropout kernel gave wrong values in its probe; using torch\'s kernel')
+        except LookupError:
+            pass
+        except Exception as e:  # no triton, no compiler for this GPU, ...: torch's kernel still works
+            _logger.warning('the Triton dropout kernel is not available (%s: %s); CUDA tensors use torch\'s '
+                            'dropout kernel', type(e).__name__, e)
+        _gpu_state['launch'] = launch
+    return _gpu_state['launch']
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -208,14 +275,14 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def run_dropout(module: nn.Module, x: torch.Tensor, producer: nn.Module | None = None) -> torch.Tensor:
-    """``module(x)``, except that a training ``nn.Dropout`` on a plain CPU float tensor in eager mode runs
+    """``module(x)``, except that a training ``nn.Dropout`` on a plain CPU or CUDA float tensor in eager mode runs
     :func:`fast_dropout` (when :func:`use_fast_dropout`).
 
     ``producer``: the module whose output ``x`` is, passed where nothing but that module's hooks can hold ``x``
     (the end of a post-activation branch: a BN or SE output that only this dropout reads). There the fused kernel
     overwrites ``x`` instead of allocating an output, when autograd does not need ``x`` either (its ``grad_fn`` is a
     batch norm, a multiply or an add, none of which keeps its output) and ``producer`` has no hooks. This is what
-    keeps the placement's peak memory near the model's without dropout on a CPU.
+    keeps the placement's peak memory near the model's without dropout.
 
     Example:
         >>> import torch
@@ -224,16 +291,17 @@ def run_dropout(module: nn.Module, x: torch.Tensor, producer: nn.Module | None =
     """
     # is_compiling covers dynamo and export
     if (_FAST and not torch.compiler.is_compiling() and type(module) is nn.Dropout and module.training
-            and not module.inplace and _plain_cpu_float(x) and 0.0 < module.p < 1.0
+            and not module.inplace and 0.0 < module.p < 1.0 and _fast_path(x)
             and not _has_hooks(module)):
         return fast_dropout(x, module.p, inplace=producer is not None and _may_overwrite(x, producer))
     return module(x)
 
 
 # autograd nodes that keep their inputs (or nothing) for backward, never their output
-_OVERWRITABLE = frozenset({'NativeBatchNormBackward0', 'MulBackward0', 'AddBackward0'})
+_OVERWRITABLE = frozenset({'NativeBatchNormBackward0', 'CudnnBatchNormBackward0', 'MiopenBatchNormBackward0',
+                           'BatchNormWithUpdateBackward0', 'MulBackward0', 'AddBackward0'})
 
 
 def _may_overwrite(x: torch.Tensor, producer: nn.Module) -> bool:
     return (type(x.grad_fn).__name__ in _OVERWRITABLE and x._base is None and not _has_hooks(producer)
-            and _native.load() is not None)
+            and _launcher(x) is not None)
