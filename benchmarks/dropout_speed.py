@@ -1,15 +1,18 @@
-"""Time of one dropout on the CPU, per element: torch's kernel, timm_dropfix's fused kernel (out of place and in
-place), its torch-ops path (used without a C compiler), and two multiplies for scale.
+"""Time of one dropout, per element: torch's kernel, timm_dropfix's fused kernel (out of place and in place), its
+torch-ops path (CPU, used without a C compiler), and two multiplies for scale.
 
-The tensors are the branch outputs of resnet50 at 128 px, batch 16 (where the recommended placement drops), in
-float32, NCHW. Each measurement is the wall time of one call (forward) or of one forward + backward, repeated
+CPU: the branch outputs of resnet50 at 128 px, batch 16 (where the recommended placement drops), float32, NCHW, at
+torch's thread count and at one thread. ``--device cuda``: the branch outputs at 224 px, batch 128, bfloat16,
+channels_last (as under ``finetune train``'s bf16 autocast), where the fused kernel is the Triton one. Each
+measurement is the wall time of one call (forward) or of one forward + backward (synchronized on CUDA), repeated
 ``--repeats`` times after a warm-up, with the kernels' turns interleaved so that all meet the same machine;
-reported as median and mean +- sample std of nanoseconds per element, at torch's thread count and at one thread.
-Writes ``benchmarks/results/dropout_speed.json`` and ``.md``.
+reported as median and mean +- sample std of nanoseconds per element. Writes
+``benchmarks/results/dropout_speed.json`` (``dropout_speed_gpu`` for CUDA) and ``.md``.
 
 Example::
 
-    python benchmarks/dropout_speed.py            # about a minute on 2 cores
+    python benchmarks/dropout_speed.py                 # about a minute on 2 cores
+    python benchmarks/dropout_speed.py --device cuda   # seconds on one GPU
 """
 from __future__ import annotations
 
@@ -30,10 +33,14 @@ import torch.nn.functional as F  # noqa: E402
 from _common import RESULTS_DIR, command_line, describe_machine, mean_std, utc_now, write_result  # noqa: E402
 
 SHAPES = [(16, 256, 32, 32), (16, 512, 16, 16), (16, 1024, 8, 8), (16, 2048, 4, 4)]
+# device -> (shapes, dtype, memory format): the tensors a dropfix resnet50 drops when training there
+SETTINGS = {'cpu': (SHAPES, torch.float32, torch.contiguous_format),
+            'cuda': ([(128, 256, 56, 56), (128, 512, 28, 28), (128, 1024, 14, 14), (128, 2048, 7, 7)],
+                     torch.bfloat16, torch.channels_last)}
 P = 0.1  # rewrite()'s default branch rate
 
 
-def kernels() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def kernels(device: str = 'cpu') -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Name -> a function applying that dropout (or multiply) to a tensor, in training mode.
 
     Example:
@@ -47,10 +54,11 @@ def kernels() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
 
     def mask_of(x: torch.Tensor) -> torch.Tensor:
         if x.shape not in cache:
-            cache[x.shape] = (torch.rand(x.shape) >= P).float() / (1 - P)
+            cache[x.shape] = ((torch.rand(x.shape, device=x.device) >= P).to(x.dtype) / (1 - P)).contiguous(
+                memory_format=SETTINGS[device][2])
         return cache[x.shape]
 
-    return {
+    fns = {
         'torch': lambda x: F.dropout(x, P, training=True),
         'fused': lambda x: timm_dropfix.fast_dropout(x, P),
         # the input must be one nobody else needs, as at the end of a post-activation branch: a fresh clone per call
@@ -59,46 +67,60 @@ def kernels() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         'mask_multiply': lambda x: x * mask_of(x),
         'plain_multiply': lambda x: x * 2.0,
     }
+    if device != 'cpu':
+        del fns['torch_ops']  # the CPU path without a C compiler
+    return fns
 
 
-def time_call(fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple, backward: bool) -> float:
+def _sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple, backward: bool,
+              device: str = 'cpu') -> float:
     """Wall seconds of one ``fn`` call on a fresh input (and its backward when ``backward``)."""
-    base = torch.randn(shape, requires_grad=backward)
+    _, dtype, fmt = SETTINGS[device]
+    base = torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=fmt).requires_grad_(backward)
     x = base * 1.0 if backward else base.clone()  # a non-leaf when backward: in-place needs one
-    g = torch.ones(shape) if backward else None
+    g = torch.ones_like(x) if backward else None
+    _sync(device)
     t0 = time.perf_counter()
     y = fn(x)
     if backward:
         y.backward(g)
+    _sync(device)
     return time.perf_counter() - t0
 
 
-def measure(repeats: int, threads: list[int]) -> dict[str, Any]:
-    """Per thread count, pass (forward / forward_backward), shape and kernel: ns per element over the repeats.
+def measure(repeats: int, threads: list[int], device: str = 'cpu') -> dict[str, Any]:
+    """Per thread count (CUDA: the key ``'gpu'``), pass (forward / forward_backward), shape and kernel: ns per
+    element over the repeats.
 
     Example:
         >>> r = measure(1, [1])
         >>> r['1']['forward']['16x256x32x32']['fused']['n']
         1
     """
-    fns = kernels()
+    fns = kernels(device)
     out: dict[str, Any] = {}
     saved = torch.get_num_threads()
     try:
-        for nt in threads:
-            torch.set_num_threads(nt)
+        for nt in (threads if device == 'cpu' else ['gpu']):
+            if device == 'cpu':
+                torch.set_num_threads(nt)
             per_pass = out.setdefault(str(nt), {})
             for backward in (False, True):
                 per_shape = per_pass.setdefault('forward_backward' if backward else 'forward', {})
-                for shape in SHAPES:
+                for shape in SETTINGS[device][0]:
                     n = math.prod(shape)
-                    for fn in fns.values():
-                        time_call(fn, shape, backward)  # warm-up: kernel build, first-touch of the allocator
+                    for fn in fns.values():  # warm-up: kernel build, first-touch of the allocator
+                        time_call(fn, shape, backward, device)
                     samples: dict[str, list[float]] = {k: [] for k in fns}
                     for r in range(repeats):
                         order = list(fns) if r % 2 == 0 else list(reversed(fns))
                         for k in order:
-                            samples[k].append(time_call(fns[k], shape, backward) * 1e9 / n)
+                            samples[k].append(time_call(fns[k], shape, backward, device) * 1e9 / n)
                     per_shape['x'.join(map(str, shape))] = {
                         k: dict(zip(('mean', 'std'), mean_std(v)), median=statistics.median(v), n=len(v),
                                 values=[round(t, 4) for t in v]) for k, v in samples.items()}
@@ -109,42 +131,54 @@ def measure(repeats: int, threads: list[int]) -> dict[str, Any]:
 
 def to_markdown(res: dict[str, Any]) -> str:
     meta = res['meta']
-    lines = ['# One dropout on the CPU: nanoseconds per element', '', f"- command: `{meta['command']}`",
+    gpu = res.get('device') == 'cuda'
+    kernel = res.get('dropout_kernel', res.get('cpu_dropout_kernel'))
+    lines = [f"# One dropout on the {'GPU' if gpu else 'CPU'}: nanoseconds per element", '',
+             f"- command: `{meta['command']}`",
              f"- date (UTC): {meta['date_utc']}, wall time {meta['wall_time_s']:.0f} s",
-             f"- machine: {describe_machine(meta['machine'])}",
-             f"- rate p = {P}, float32, NCHW; resnet50's branch outputs at 128 px, batch 16; fused kernel: "
-             f"{res['cpu_dropout_kernel']}", '',
+             f"- machine: {describe_machine(meta['machine'])}" + (f", {res['gpu']}" if gpu else ''),
+             f"- rate p = {P}, " + ('bfloat16, channels_last; resnet50\'s branch outputs at 224 px, batch 128'
+                                    if gpu else 'float32, NCHW; resnet50\'s branch outputs at 128 px, batch 16')
+             + f"; fused kernel: {kernel}", '',
              'Wall time of one call on a fresh input (forward), or of the call and its backward; median and '
              'mean +- sample std over the repeats, kernels interleaved.', '']
     for nt, passes in res['timings'].items():
         for pas, shapes in passes.items():
             names = list(next(iter(shapes.values())))
-            lines += [f"## {pas.replace('_', ' + ')}, {nt} thread{'s' if nt != '1' else ''}", '',
+            where = 'GPU' if nt == 'gpu' else f"{nt} thread{'s' if nt != '1' else ''}"
+            lines += [f"## {pas.replace('_', ' + ')}, {where}", '',
                       '| shape | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
             for shape, ks in shapes.items():
                 lines.append(f'| {shape} | ' + ' | '.join(
                     f"{ks[k]['median']:.2f} ({ks[k]['mean']:.2f} +- {ks[k]['std']:.2f})" for k in names) + ' |')
             lines.append('')
-    lines += ['torch: `F.dropout`; fused / fused_inplace: `timm_dropfix.fast_dropout` (C kernel; in place as at the '
-              'end of a post-activation branch); torch_ops: its path without a C compiler (16-bit words of '
-              "torch's generator, float mask); mask_multiply: `x * mask` with a mask drawn once (an unfused "
-              'dropout before it draws anything); plain_multiply: `x * 2`.', '']
+    lines += ['torch: `F.dropout`; fused / fused_inplace: `timm_dropfix.fast_dropout` (C kernel on CPU, Triton on '
+              'CUDA; in place as at the end of a post-activation branch); torch_ops: its CPU path without a C '
+              "compiler (16-bit words of torch's generator, float mask); mask_multiply: `x * mask` with a mask drawn "
+              'once (an unfused dropout before it draws anything); plain_multiply: `x * 2`.', '']
     return '\n'.join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--repeats', type=int, default=20)
-    parser.add_argument('--out', default=str(RESULTS_DIR / 'dropout_speed'),
-                        help='output prefix (.json and .md are added)')
+    parser.add_argument('--device', choices=sorted(SETTINGS), default='cpu')
+    parser.add_argument('--out', default=None,
+                        help='output prefix (.json and .md are added; default benchmarks/results/dropout_speed, '
+                             'dropout_speed_gpu for CUDA)')
     args = parser.parse_args(argv)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda needs a CUDA device; run without it on the CPU')
     import timm_dropfix
     t0, started = time.perf_counter(), utc_now()
     torch.manual_seed(0)
     threads = sorted({torch.get_num_threads(), 1}, reverse=True)
-    res = {'p': P, 'shapes': SHAPES, 'cpu_dropout_kernel': timm_dropfix.cpu_dropout_kernel(),
-           'timings': measure(args.repeats, threads)}
-    out = Path(args.out)
+    res = {'p': P, 'device': args.device, 'shapes': SETTINGS[args.device][0],
+           'dtype': str(SETTINGS[args.device][1]), 'dropout_kernel': timm_dropfix.dropout_kernel(args.device),
+           'timings': measure(args.repeats, threads, args.device)}
+    if args.device == 'cuda':
+        res['gpu'] = torch.cuda.get_device_name(0)
+    out = Path(args.out or RESULTS_DIR / ('dropout_speed_gpu' if args.device == 'cuda' else 'dropout_speed'))
     written = write_result(out.with_suffix('.json'), res, command=command_line(argv, 'benchmarks/dropout_speed.py'),
                            seeds=[0], wall_time_s=time.perf_counter() - t0, started_at=started)
     out.with_suffix('.md').write_text(to_markdown(written))

@@ -365,8 +365,9 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
     """Step time of resnet50 without dropout vs with the recommended placement, on the same fixed batch,
     in interleaved rounds (order alternating), all in the toolkit configuration.
 
-    Arms besides ``no_dropout`` and ``dropfix`` (the default route: timm_dropfix's fast dropout on CPU):
-    ``dropfix_torch_kernel`` (CPU only: the same model on torch's own dropout kernel) and ``mask_only`` (every
+    Arms besides ``no_dropout`` and ``dropfix`` (the default route: timm_dropfix's fast dropout, the C kernel on
+    CPU and the Triton one on CUDA): ``dropfix_torch_kernel`` (the same model on torch's own dropout kernel) and
+    ``mask_only`` (every
     dropout replaced by a :class:`FixedMask`: what any unfused dropout costs before drawing random numbers).
     Each arm's overhead is the median over rounds of ``t_arm / t_no_dropout - 1``. On CPU the times are the
     process CPU time of each step (``time.process_time``), which other tenants of a shared machine disturb far
@@ -379,8 +380,7 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
     off = make_model('resnet50', device, toolkit=True, dropout=False)
     models = {'no_dropout': (off, None), 'dropfix': (make_model('resnet50', device, toolkit=True, dropout=True), None)}
     if not compile_backend:
-        if device.type == 'cpu':
-            models['dropfix_torch_kernel'] = (make_model('resnet50', device, toolkit=True, dropout=True), False)
+        models['dropfix_torch_kernel'] = (make_model('resnet50', device, toolkit=True, dropout=True), False)
         models['mask_only'] = (with_fixed_masks(make_model('resnet50', device, toolkit=True, dropout=True)), None)
     trainers = {}
     for k, (m, fast) in models.items():
@@ -422,14 +422,15 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
            'step_s': {k: summary(v) for k, v in times.items()},
            'step_wall_s': {k: summary(v) for k, v in wall.items()}, **overhead('dropfix'),
            'arms': {k: overhead(k) for k in trainers if k not in ('no_dropout', 'dropfix')}}
-    if device.type == 'cpu':
+    if not compile_backend:
         import timm_dropfix
-        out['cpu_dropout_kernel'] = timm_dropfix.cpu_dropout_kernel()
-        if not compile_backend and out['cpu_dropout_kernel'] == 'fused':
+        out['dropout_kernel'] = timm_dropfix.dropout_kernel(device)
+    if device.type == 'cpu':
+        if not compile_backend and out['dropout_kernel'] == 'fused':
             out['dropout_call_share'] = dropout_call_share(trainers['dropfix'], x, y, steps=min(max(3, pairs // 2), 10))
     if device.type == 'cuda':
         peaks = {k: step_peak_bytes(lambda k=k: trainers[k].step(x, y), device)
-                 for k in ('no_dropout', 'dropfix')}
+                 for k in ('no_dropout', 'dropfix', 'dropfix_torch_kernel') if k in trainers}
         out['step_peak_bytes'] = peaks
         out['step_peak_overhead'] = peaks['dropfix'] / peaks['no_dropout'] - 1.0
     return out
@@ -721,9 +722,10 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
         dsize, dbatch = prof['dropfix_size']
         dro = measure_dropfix_time(dsize, dbatch, device, prof['dropfix_pairs'])
         if device.type == 'cuda':
-            for k, flag in (('no_dropout', False), ('dropfix', True)):
+            for k, flag, fast in (('no_dropout', False, None), ('dropfix', True, None),
+                                  ('dropfix_torch_kernel', True, False)):
                 m = make_model('resnet50', device, True, dropout=flag)
-                tr = Trainer(m, device, True)
+                tr = Trainer(m, device, True, fast_dropout=fast)
                 x = torch.randn(dbatch, 3, dsize, dsize, device=device).contiguous(memory_format=torch.channels_last)
                 y = torch.randint(0, 37, (dbatch,), device=device)
                 tr.step(x, y)
@@ -903,11 +905,12 @@ def to_markdown(res: dict[str, Any]) -> str:
                   f"{share['cpu']['n']} more steps: the cost of the dropout itself, less disturbed by the machine's "
                   'noise than the difference of two step times, without its indirect effects (e.g. on caches).', '']
     if d.get('arms'):
-        kernel = d.get('cpu_dropout_kernel', 'torch_ops')
-        lines += ['dropfix runs timm_dropfix\'s default route: on CPU its fast dropout (here: '
-                  f'`{kernel}`; `fused`: one pass of a C kernel, a 32-bit hashed word per element, the mask recomputed '
-                  'in backward, in place at the end of post-activation branches; `torch_ops`: 16 bits per element from '
-                  'torch\'s generator, a float mask kept); '
+        kernel = d.get('dropout_kernel', d.get('cpu_dropout_kernel', 'torch_ops'))
+        lines += ['dropfix runs timm_dropfix\'s default route, its fast dropout (here: '
+                  f'`{kernel}`; `fused`: one pass of a C kernel on CPU, a 32-bit hashed word per element, the mask '
+                  'recomputed in backward, in place at the end of post-activation branches; `triton`: the same on '
+                  'CUDA with Philox words; `torch_ops`: 16 bits per element from torch\'s generator, a float mask '
+                  'kept); '
                   'dropfix_torch_kernel is the same model on torch\'s own dropout kernel; mask_only replaces every '
                   'dropout by a multiply with a mask drawn once and kept for backward: what a dropout that is not '
                   'fused costs before it draws a single random number.', '']

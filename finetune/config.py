@@ -56,10 +56,10 @@ class TrainConfig:
     head_drop_rate: float = 0.2
     branch_position: str = 'recommended'
     head_position: str = 'before_pool'
-    # eager CPU training runs the dropfix dropouts through timm_dropfix.fast_dropout: the same distribution, a
-    # fraction of the time and memory of torch's CPU kernel (README Speed); False: torch's kernel, e.g. to repeat
-    # runs made before it; None: the process default (timm_dropfix.use_fast_dropout(), on unless
-    # TIMM_DROPFIX_FAST_DROPOUT=0). No effect on GPUs
+    # eager training runs the dropfix dropouts through timm_dropfix.fast_dropout (a C kernel on CPU, Triton on
+    # CUDA): the same distribution, a fraction of the time and memory of torch's CPU kernel (README Speed); False:
+    # torch's kernel, e.g. to repeat runs made before it; None: the process default
+    # (timm_dropfix.use_fast_dropout(), on unless TIMM_DROPFIX_FAST_DROPOUT=0)
     fast_dropout: bool | None = None
     # optimisation
     optimizer: str = 'adamw'

@@ -326,14 +326,13 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
     if eval_logits is None:  # resumed a run whose epochs were all done: evaluate the restored weights
         eval_logits, eval_targets = predict(model, eval_loader, accelerator, eval_aug)
     final = classification_metrics(eval_logits, eval_targets, len(split.classes))
+    # a compiled model calls its nn.Dropout modules inside the graph: the backend's dropout, not ours
+    dropout_kernel = 'compiled' if cfg.dynamo_backend else timm_dropfix.dropout_kernel(accelerator.device)
     metrics = dict(final, history=history, wall_seconds=time.time() - t_start, train_seconds=train_time,
                    images_per_second=train_images / max(train_time, 1e-9), n_skipped=len(skipped),
                    skipped=skipped, num_processes=accelerator.num_processes,
                    n_train=n_train, n_eval=n_eval, data_config=_jsonable(data_config),
-                   fast_cpu_dropout=(timm_dropfix.use_fast_dropout() and accelerator.device.type == 'cpu'
-                                     and not cfg.dynamo_backend),
-                   cpu_dropout_kernel=(timm_dropfix.cpu_dropout_kernel() if accelerator.device.type == 'cpu'
-                                       and not cfg.dynamo_backend else None))
+                   dropout_kernel=dropout_kernel, fast_dropout=dropout_kernel not in ('torch', 'compiled'))
     if main:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)  # the exported keys lack _orig_mod.
         info = dict(dropfix=built.dropfix, dropout_summary=str(timm_dropfix.summarize(unwrapped)),

@@ -276,7 +276,7 @@ def test_throughput_smoke_measures_both_paths_and_the_dropout(tmp_path, shared_p
     # torch's kernel keeps a mask per dropout for backward; the fused kernel recomputes it from the seed
     saved = {k: d['memory'][k]['saved_activation_bytes'] for k in ('no_dropout', 'dropfix', 'dropfix_torch_kernel')}
     assert saved['dropfix'] == saved['no_dropout'] < saved['dropfix_torch_kernel']
-    assert d['cpu_dropout_kernel'] == 'fused' and '`fused`' in (tmp_path / 'throughput_smoke.md').read_text()
+    assert d['dropout_kernel'] == 'fused' and '`fused`' in (tmp_path / 'throughput_smoke.md').read_text()
     share = d['dropout_call_share']  # resnet50: 17 dropouts (16 blocks + head), each forward and backward
     assert share['calls_per_step'] == 34 and share['cpu']['n'] == 3 and 0 < share['wall']['mean'] < 1
     assert d['compiled']['compile_backend'] == 'eager' and d['compiled']['overhead_per_pair']['n'] == 1
@@ -318,7 +318,7 @@ def test_compare_grids_pairs_units_and_spots_identical_runs(tmp_path):
 def test_dropout_speed_times_every_kernel_at_every_shape(tmp_path):
     dropout_speed.main(['--repeats', '2', '--out', str(tmp_path / 'ds')])
     r = json.loads((tmp_path / 'ds.json').read_text())
-    assert r['meta']['command'].startswith('python benchmarks/dropout_speed.py') and r['cpu_dropout_kernel'] == 'fused'
+    assert r['meta']['command'].startswith('python benchmarks/dropout_speed.py') and r['dropout_kernel'] == 'fused'
     assert set(r['timings']) == {str(torch.get_num_threads()), '1'}
     for passes in r['timings'].values():
         assert set(passes) == {'forward', 'forward_backward'}

@@ -104,6 +104,7 @@ def test_compiled_model_exports_plain_weights(tiny_pets, tmp_path):
     """--dynamo-backend compiles through accelerate; the exported folder still holds the plain model's keys."""
     cfg = tiny_cfg(tiny_pets, tmp_path / 'compiled', epochs=1, dynamo_backend='eager', log_with='none')
     metrics = train(cfg)
+    assert metrics['dropout_kernel'] == 'compiled' and metrics['fast_dropout'] is False
     keys = load_file(str(tmp_path / 'compiled' / 'model' / 'model.safetensors')).keys()
     assert keys and not any(k.startswith('_orig_mod.') for k in keys)
     logits, targets, _ = timm_eval(tmp_path / 'compiled' / 'model', load_samples('pets', tiny_pets).eval)
@@ -133,8 +134,8 @@ def test_fast_dropout_is_the_default_and_switchable_per_run(tiny_pets, tmp_path,
     process-wide switch is given back afterwards."""
     from unittest import mock
     from timm_dropfix import fastdrop
-    assert rewritten_run[0].fast_dropout is None and rewritten_run[1]['fast_cpu_dropout'] is True
-    assert rewritten_run[1]['cpu_dropout_kernel'] == 'fused'  # CI has a C compiler
+    assert rewritten_run[0].fast_dropout is None and rewritten_run[1]['fast_dropout'] is True
+    assert rewritten_run[1]['dropout_kernel'] == 'fused'  # CI has a C compiler
     before = timm_dropfix.use_fast_dropout()
     runs = [(True, False, False), (False, None, False), (False, True, True)]  # process default, config, fast?
     try:
@@ -143,8 +144,8 @@ def test_fast_dropout_is_the_default_and_switchable_per_run(tiny_pets, tmp_path,
             with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as spy:
                 m = train(tiny_cfg(tiny_pets, tmp_path / str(i), rewrite=True, epochs=1, fast_dropout=flag,
                                    log_with='none'))
-            assert (spy.call_count > 0) is fast and m['fast_cpu_dropout'] is fast, (default, flag)
-            assert m['cpu_dropout_kernel'] == ('fused' if fast else 'torch')
+            assert (spy.call_count > 0) is fast and m['fast_dropout'] is fast, (default, flag)
+            assert m['dropout_kernel'] == ('fused' if fast else 'torch')
             assert timm_dropfix.use_fast_dropout() is default
     finally:
         timm_dropfix.set_fast_dropout(before)
@@ -220,7 +221,7 @@ def test_two_processes_debug_launcher(tiny_pets, tmp_path, cache_on_device):
     subprocess.run([sys.executable, '-c', script], check=True, timeout=600, cwd=Path(__file__).parents[1],
                    env={**os.environ, 'OMP_NUM_THREADS': '1'})
     m = json.loads((tmp_path / 'ddp' / 'metrics.json').read_text())
-    assert m['num_processes'] == 2 and m['fast_cpu_dropout'] is True
+    assert m['num_processes'] == 2 and m['fast_dropout'] is True
     assert m['n_eval'] == 16 and m['history'][0]['train_images'] == 32  # 2 processes x 4 steps x 4 images
     split = load_samples('pets', str(tiny_pets))
     logits, targets, _ = timm_eval(tmp_path / 'ddp' / 'model', split.eval)

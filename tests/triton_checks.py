@@ -1,9 +1,11 @@
-"""The Triton (CUDA) dropout kernel, run by Triton's interpreter on CPU tensors.
+"""The Triton (CUDA) dropout kernel: its distribution, gradient, determinism and routing.
 
-Not collected by the suite directly: ``test_fastdrop.py::test_triton_kernel_under_the_interpreter`` runs this file
-in a child pytest with ``TRITON_INTERPRET=1`` (the interpreter must be chosen before triton compiles anything).
-The module points the kernel's device at the CPU, so the same routing that CUDA tensors take runs here: the
-interpreter executes the kernel's Triton code, including Philox, as a GPU would, apart from speed.
+Not collected by the suite directly. ``test_fastdrop.py::test_triton_kernel_under_the_interpreter`` runs this file
+in a child pytest with ``TRITON_INTERPRET=1`` (the interpreter must be chosen before triton compiles anything);
+then the module points the kernel's device at the CPU, so CPU tensors take the route that CUDA tensors take and the
+interpreter executes the kernel's Triton code, Philox included, as a GPU would, apart from speed. On a machine with
+a GPU, ``pytest tests/triton_checks.py`` runs the same checks on CUDA tensors with the compiled kernel
+(``benchmarks/gpu_session.sh`` does).
 """
 import copy
 import math
@@ -17,13 +19,17 @@ import torch
 import timm_dropfix
 from timm_dropfix import _triton, fastdrop
 
-assert os.environ.get('TRITON_INTERPRET') == '1', 'run through test_fastdrop.py (needs TRITON_INTERPRET=1)'
+INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
+DEVICE = 'cpu' if INTERPRETED else 'cuda'
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip('needs TRITON_INTERPRET=1 (see test_fastdrop.py) or a CUDA device', allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
-def _kernel_on_the_cpu(monkeypatch):
-    monkeypatch.setattr(fastdrop, '_GPU_DEVICE', 'cpu')
-    monkeypatch.setattr(fastdrop, '_gpu_state', {})
+def _kernel_device(monkeypatch):
+    if INTERPRETED:
+        monkeypatch.setattr(fastdrop, '_GPU_DEVICE', 'cpu')
+        monkeypatch.setattr(fastdrop, '_gpu_state', {})
     timm_dropfix.set_fast_dropout(True)
 
 
@@ -36,11 +42,12 @@ def _within(count: int, n: int, q: float, sigmas: float = 6.0) -> bool:
 def test_rate_scale_in_every_quarter_and_across_programs(dtype, p):
     """Drop rate p overall and in each quarter of a program (each of Philox's four words) and in the program that
     ends the tensor; kept values scaled by the inverse keep rate, rounded to the dtype like torch's kernel."""
-    assert timm_dropfix.dropout_kernel('cpu') == 'triton'
+    assert timm_dropfix.dropout_kernel(DEVICE) == 'triton'
     torch.manual_seed(0)
     n = 3 * _triton.BLOCK + 1000  # a partial last program
-    y = timm_dropfix.fast_dropout(torch.ones(n, dtype=dtype), p)
-    assert y.dtype == dtype and type(y.grad_fn) is type(None)
+    y = timm_dropfix.fast_dropout(torch.ones(n, dtype=dtype, device=DEVICE), p)
+    assert y.dtype == dtype and y.grad_fn is None
+    y = y.cpu()
     dropped = (y == 0).float()
     q = round(p * 2 ** 32) / 2 ** 32
     assert _within(int(dropped.sum()), n, q)
@@ -56,13 +63,13 @@ def test_rate_scale_in_every_quarter_and_across_programs(dtype, p):
 def test_neighbours_and_quarters_drop_independently():
     torch.manual_seed(1)
     n, p = 8 * _triton.BLOCK, 0.3
-    d = (timm_dropfix.fast_dropout(torch.ones(n), p) == 0).float()
+    d = (timm_dropfix.fast_dropout(torch.ones(n, device=DEVICE), p) == 0).float().cpu()
     for gap in (1, 2, 3, 4, _triton.BLOCK // 4, _triton.BLOCK // 2, _triton.BLOCK):  # same counter, next program
         assert _within(int((d[gap:] * d[:-gap]).sum()), n - gap, p * p), gap
 
 
 def test_mask_depends_on_the_seed_and_index_only_and_the_gradient_is_the_mask():
-    x = torch.randn(2 * _triton.BLOCK + 77)
+    x = torch.randn(2 * _triton.BLOCK + 77, device=DEVICE)
     a, b = torch.empty_like(x), torch.empty_like(x[:500])
     _triton.dropout_into(a, x, 12345, 2 ** 31, 2.0)
     _triton.dropout_into(b, x[:500].clone(), 12345, 2 ** 31, 2.0)
@@ -70,7 +77,7 @@ def test_mask_depends_on_the_seed_and_index_only_and_the_gradient_is_the_mask():
     c = torch.empty_like(x)
     _triton.dropout_into(c, x, 12346, 2 ** 31, 2.0)
     assert not torch.equal(a, c)
-    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    x = torch.randn(4, 8, 5, 5, device=DEVICE, requires_grad=True)
     torch.manual_seed(3)
     y = timm_dropfix.fast_dropout(x, 0.2)
     torch.manual_seed(3)
@@ -84,7 +91,7 @@ def test_mask_depends_on_the_seed_and_index_only_and_the_gradient_is_the_mask():
 
 @pytest.mark.filterwarnings('ignore:Input #.* is not a double precision')
 def test_keeps_nothing_for_backward_any_layout_twice_differentiable_nan():
-    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
         torch.manual_seed(5)
@@ -92,17 +99,17 @@ def test_keeps_nothing_for_backward_any_layout_twice_differentiable_nan():
     assert packed == [] and type(y.grad_fn).__name__ == '_FusedDropoutBackward'
     assert y.is_contiguous(memory_format=torch.channels_last)
     mask = y.detach() / x.detach()
-    g = torch.randn(y.shape)  # contiguous, unlike y
+    g = torch.randn(y.shape, device=DEVICE)  # contiguous, unlike y
     gx, = torch.autograd.grad(y, x, g)
     torch.testing.assert_close(gx, g * mask)
     kernel = fastdrop._gpu_kernel()
     seeded = lambda t: fastdrop._FusedDropout.apply(t, 99, round(0.3 * 2 ** 32), False, kernel)
-    small = torch.randn(3, 5, 7, requires_grad=True)
+    small = torch.randn(3, 5, 7, device=DEVICE, requires_grad=True)
     # float32 (the kernel's CUDA dtypes): the op is linear, so loose finite differences are exact up to rounding
     assert torch.autograd.gradcheck(seeded, (small,), eps=1e-2, atol=1e-3)
     assert torch.autograd.gradgradcheck(seeded, (small,), eps=1e-2, atol=1e-3)
-    assert torch.isnan(timm_dropfix.fast_dropout(torch.full((1000,), float('nan')), 0.5)).all()
-    x64 = torch.randn(64, dtype=torch.float64)
+    assert torch.isnan(timm_dropfix.fast_dropout(torch.full((1000,), float('nan'), device=DEVICE), 0.5)).all()
+    x64 = torch.randn(64, dtype=torch.float64, device=DEVICE)
     torch.manual_seed(0)  # float64 is not the kernel's: torch's dropout, the same numbers under the same seed
     ours = timm_dropfix.fast_dropout(x64, 0.5)
     torch.manual_seed(0)
@@ -112,9 +119,10 @@ def test_keeps_nothing_for_backward_any_layout_twice_differentiable_nan():
 def test_branch_end_dropout_runs_in_place_in_a_dropfix_model():
     """The blocks' routing with the kernel standing in for CUDA: every branch-end dropout overwrites its BN output
     (the same gradients as out of place under the same seed); the pre-pool head's (a ReLU output) does not."""
-    model = timm_dropfix.rewrite(timm.create_model('resnet18', num_classes=5, zero_init_last=False)).train()
+    model = timm_dropfix.rewrite(timm.create_model('resnet18', num_classes=5, zero_init_last=False))
+    model = model.to(DEVICE).train()
     twin = copy.deepcopy(model)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
     calls = {}
     for name, m, may in (('inplace', model, fastdrop._may_overwrite), ('copy', twin, lambda x, producer: False)):
         torch.manual_seed(0)
