@@ -17,8 +17,8 @@ available, a torch-ops path draws 16 random bits per element (four lanes of one 
 On CUDA (float16, bfloat16, float32) the same contract runs as a Triton kernel (:mod:`timm_dropfix._triton`:
 Philox words, one pass, nothing saved for backward, in place at branch ends), where torch's kernel writes a
 byte mask per element and allocates the output. Its seed is also drawn from the CPU generator, which needs no
-device synchronisation. One probe launch on first use checks it; where triton or its compiler is missing, CUDA
-tensors keep torch's kernel (:func:`dropout_kernel` says which runs).
+device synchronisation. Probe launches (one per dtype) on first use check it; where triton or its compiler is
+missing, CUDA tensors keep torch's kernel (:func:`dropout_kernel` says which runs).
 
 The blocks and heads of this package run their dropout modules through :func:`run_dropout`, which takes this path
 only where nothing else can tell the difference: eager mode, a plain tensor of a dtype and device above, and a
@@ -243,17 +243,20 @@ def _launcher(x: torch.Tensor) -> Optional[Callable]:
 
 
 def _gpu_kernel() -> Optional[Callable]:
-    """The Triton kernel's launcher, after one probe launch; None where triton is missing or the probe fails (the
-    reason is logged once, and CUDA tensors keep torch's kernel)."""
+    """The Triton kernel's launcher, after a probe launch per dtype; None where triton is missing or a probe fails
+    (the reason is logged once, and CUDA tensors keep torch's kernel)."""
     if 'launch' not in _gpu_state:
         launch = None
         try:
             if _GPU_DEVICE == 'cuda' and not torch.cuda.is_available():
                 raise LookupError('no CUDA device')
             from . import _triton
-            probe = torch.ones(8, device=_GPU_DEVICE)
-            _triton.dropout_into(probe, probe, 1, 1 << 31, 2.0)
-            if set(probe.tolist()) <= {0.0, 2.0}:
+            right = True
+            for dtype in _GPU_FLOATS:  # compiles the kernel for each dtype now, not in the middle of a step
+                probe = torch.ones(8, device=_GPU_DEVICE, dtype=dtype)
+                _triton.dropout_into(probe, probe, 1, 1 << 31, 2.0)
+                right = right and set(probe.tolist()) <= {0.0, 2.0}
+            if right:
                 launch = _triton.dropout_into
             else:
                 _logger.warning('the Triton dropout kernel gave wrong values in its probe; using torch\'s kernel')
