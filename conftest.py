@@ -1,5 +1,7 @@
-"""Collection rules for the doctests of the package modules (``--doctest-modules`` imports each of them)."""
+"""Collection rules for the whole suite (``--doctest-modules`` imports every module under the test paths)."""
 import importlib.util
 
-# the CUDA dropout kernel imports triton, which CPU-only builds of torch do not install
-collect_ignore = [] if importlib.util.find_spec('triton') else ['timm_dropfix/_triton.py']
+# run only when named: under TRITON_INTERPRET=1 by tests/test_fastdrop.py, or on a GPU (benchmarks/gpu_session.sh)
+collect_ignore = ['tests/triton_checks.py']
+if importlib.util.find_spec('triton') is None:  # CPU-only builds of torch do not install it
+    collect_ignore.append('timm_dropfix/_triton.py')
