@@ -44,8 +44,8 @@ def kernels(device: str = 'cpu') -> dict[str, Callable[[torch.Tensor], torch.Ten
     """Name -> a function applying that dropout (or multiply) to a tensor, in training mode.
 
     Example:
-        >>> sorted(kernels())[:2]
-        ['fused', 'fused_inplace']
+        >>> 'fused_add_inplace' in kernels(), 'torch_ops' in kernels('cuda')
+        (True, False)
     """
     import timm_dropfix
     from timm_dropfix import fastdrop
@@ -53,10 +53,15 @@ def kernels(device: str = 'cpu') -> dict[str, Callable[[torch.Tensor], torch.Ten
     cache: dict[tuple, torch.Tensor] = {}
 
     def mask_of(x: torch.Tensor) -> torch.Tensor:
-        if x.shape not in cache:
-            cache[x.shape] = ((torch.rand(x.shape, device=x.device) >= P).to(x.dtype) / (1 - P)).contiguous(
+        if ('mask', x.shape) not in cache:
+            cache['mask', x.shape] = ((torch.rand(x.shape, device=x.device) >= P).to(x.dtype) / (1 - P)).contiguous(
                 memory_format=SETTINGS[device][2])
-        return cache[x.shape]
+        return cache['mask', x.shape]
+
+    def shortcut_of(x: torch.Tensor) -> torch.Tensor:  # the residual branch's other input
+        if ('shortcut', x.shape) not in cache:
+            cache['shortcut', x.shape] = torch.randn_like(x)
+        return cache['shortcut', x.shape]
 
     fns = {
         'torch': lambda x: F.dropout(x, P, training=True),
@@ -66,6 +71,11 @@ def kernels(device: str = 'cpu') -> dict[str, Callable[[torch.Tensor], torch.Ten
         'torch_ops': lambda x: fastdrop._WordDropout.apply(x, words),
         'mask_multiply': lambda x: x * mask_of(x),
         'plain_multiply': lambda x: x * 2.0,
+        # the end of a post-activation branch: the residual addition alone (what a model without dropout runs),
+        # after the in-place dropout, and fused with it in one pass (what dropfix blocks run)
+        'add': lambda x: x + shortcut_of(x),
+        'fused_inplace_then_add': lambda x: timm_dropfix.fast_dropout(x, P, inplace=True) + shortcut_of(x),
+        'fused_add_inplace': lambda x: timm_dropfix.fast_dropout_add(x, shortcut_of(x), P, inplace=True),
     }
     if device != 'cpu':
         del fns['torch_ops']  # the CPU path without a C compiler
@@ -155,7 +165,10 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines += ['torch: `F.dropout`; fused / fused_inplace: `timm_dropfix.fast_dropout` (C kernel on CPU, Triton on '
               'CUDA; in place as at the end of a post-activation branch); torch_ops: its CPU path without a C '
               "compiler (16-bit words of torch's generator, float mask); mask_multiply: `x * mask` with a mask drawn "
-              'once (an unfused dropout before it draws anything); plain_multiply: `x * 2`.', '']
+              'once (an unfused dropout before it draws anything); plain_multiply: `x * 2`; add: `x + shortcut` (the '
+              'residual addition that follows a branch-end dropout, also run without dropout); '
+              'fused_inplace_then_add: the in-place dropout, then that addition; fused_add_inplace: '
+              '`timm_dropfix.fast_dropout_add` in place, the two in one pass, as dropfix blocks run them.', '']
     return '\n'.join(lines)
 
 

@@ -438,14 +438,16 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
 
 def dropout_call_share(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, Any]:
     """Share of each CPU step spent inside the fused dropout's own calls (forward and backward of
-    ``timm_dropfix.fastdrop._FusedDropout``: output allocation, seed, kernel), in process CPU time and in wall
-    time. A direct estimate of the dropout's cost that other tenants of the machine disturb far less than the
-    difference of two noisy step times; it leaves out indirect costs (caches the dropout evicts)."""
+    ``timm_dropfix.fastdrop._FusedDropout`` and ``_FusedDropoutAdd``: output allocation, seed, kernel), in process
+    CPU time and in wall time. A direct estimate of the dropout's cost that other tenants of the machine disturb far
+    less than the difference of two noisy step times; it leaves out indirect costs (caches the dropout evicts), and
+    it includes the residual additions fused into the branch-end dropouts (which the model without dropout runs
+    too), so it overstates the dropout's own share by their time."""
     from timm_dropfix import fastdrop
-    fn = fastdrop._FusedDropout
+    functions = (fastdrop._FusedDropout, fastdrop._FusedDropoutAdd)
     spent = {'cpu': 0.0, 'wall': 0.0, 'calls': 0}
-    depth = [0]  # backward applies the same Function again: count only the outermost call
-    originals = {'forward': fn.forward, 'backward': fn.backward}
+    depth = [0]  # backward applies _FusedDropout again: count only the outermost call
+    originals = [(fn, fn.forward, fn.backward) for fn in functions]
 
     def timed(call: Callable) -> Callable:
         def run(*args):
@@ -464,7 +466,8 @@ def dropout_call_share(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps
     shares: dict[str, list[float]] = {'cpu': [], 'wall': []}
     calls = 0
     try:
-        fn.forward, fn.backward = timed(originals['forward']), timed(originals['backward'])
+        for fn, forward, backward in originals:
+            fn.forward, fn.backward = timed(forward), timed(backward)
         for _ in range(steps):
             spent.update(cpu=0.0, wall=0.0, calls=0)
             c0, t0 = time.process_time(), time.perf_counter()
@@ -473,7 +476,8 @@ def dropout_call_share(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps
             shares['wall'].append(spent['wall'] / (time.perf_counter() - t0))
             calls = spent['calls']
     finally:
-        fn.forward, fn.backward = staticmethod(originals['forward']), staticmethod(originals['backward'])
+        for fn, forward, backward in originals:
+            fn.forward, fn.backward = staticmethod(forward), staticmethod(backward)
     return {'cpu': summary(shares['cpu']), 'wall': summary(shares['wall']), 'calls_per_step': calls}
 
 
@@ -900,7 +904,8 @@ def to_markdown(res: dict[str, Any]) -> str:
     share = d.get('dropout_call_share')
     if share:
         lines += [f"Direct cost: the fused dropout's own calls ({share['calls_per_step']} per step, forward and "
-                  f"backward) took {share['cpu']['mean']:.2%} ± {share['cpu']['std']:.2%} of each step's process CPU "
+                  "backward; the branch-end ones include the residual addition fused into them) took "
+                  f"{share['cpu']['mean']:.2%} ± {share['cpu']['std']:.2%} of each step's process CPU "
                   f"time ({share['wall']['mean']:.2%} ± {share['wall']['std']:.2%} of its wall time) over "
                   f"{share['cpu']['n']} more steps: the cost of the dropout itself, less disturbed by the machine's "
                   'noise than the difference of two step times, without its indirect effects (e.g. on caches).', '']
@@ -908,7 +913,8 @@ def to_markdown(res: dict[str, Any]) -> str:
         kernel = d.get('dropout_kernel', d.get('cpu_dropout_kernel', 'torch_ops'))
         lines += ['dropfix runs timm_dropfix\'s default route, its fast dropout (here: '
                   f'`{kernel}`; `fused`: one pass of a C kernel on CPU, a 32-bit hashed word per element, the mask '
-                  'recomputed in backward, in place at the end of post-activation branches; `triton`: the same on '
+                  'recomputed in backward, at the end of post-activation branches in place and in one pass with the '
+                  'residual addition; `triton`: the same on '
                   'CUDA with Philox words; `torch_ops`: 16 bits per element from torch\'s generator, a float mask '
                   'kept); '
                   'dropfix_torch_kernel is the same model on torch\'s own dropout kernel; mask_only replaces every '

@@ -167,11 +167,19 @@ def test_kernel_build_is_cached_and_failures_fall_back(tmp_path, monkeypatch, ca
     assert type(y.grad_fn).__name__ == '_WordDropoutBackward' and set(y.unique().tolist()) == {0.0, 2.0}
 
 
+def _spy_fast_routes():
+    """Spies on both fast routes: fast_dropout (a dropout alone) and _dropout_add (a branch-end dropout fused with
+    the residual addition; its fourth argument says in place)."""
+    return (mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout),
+            mock.patch.object(fastdrop, '_dropout_add', wraps=fastdrop._dropout_add))
+
+
 def _count_fast_calls(model, x, train=True):
     model.train(train)
-    with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as spy:
+    one, add = _spy_fast_routes()
+    with one as spy_one, add as spy_add:
         model(x)
-    return spy.call_count
+    return spy_one.call_count + spy_add.call_count
 
 
 def test_dropfix_models_use_it_only_in_eager_cpu_training():
@@ -206,7 +214,8 @@ def test_switch_off_reproduces_torch_dropout_exactly():
         torch.manual_seed(0)
         outs[fast] = model(x)
     plain = lambda module, x, producer=None: module(x)
-    with mock.patch('timm_dropfix.blocks.run_dropout', plain), mock.patch('timm_dropfix.heads.run_dropout', plain):
+    with mock.patch('timm_dropfix.blocks.run_dropout', plain), mock.patch('timm_dropfix.heads.run_dropout', plain), \
+            mock.patch('timm_dropfix.blocks.run_dropout_add', lambda *args: None):
         torch.manual_seed(0)
         outs['modules'] = model(x)
     assert torch.equal(outs[False], outs['modules'])
@@ -250,19 +259,21 @@ def test_branch_end_dropout_overwrites_the_fresh_bn_output_only_when_nothing_els
     results = {}
     for name, m, may in (('inplace', model, fastdrop._may_overwrite), ('copy', twin, lambda x, producer: False)):
         torch.manual_seed(0)
-        with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as spy, \
-                mock.patch.object(fastdrop, '_may_overwrite', may):
+        one, add = _spy_fast_routes()
+        with one as spy_one, add as spy_add, mock.patch.object(fastdrop, '_may_overwrite', may):
             m(x).sum().backward()
-        results[name] = [call.kwargs.get('inplace', False) for call in spy.call_args_list]
-    assert results['inplace'] == [True] * 8 + [False]  # 8 blocks, then the pre-pool head (a ReLU output)
-    assert results['copy'] == [False] * 9
+        results[name] = ([call.args[3] for call in spy_add.call_args_list],
+                         [call.kwargs.get('inplace', False) for call in spy_one.call_args_list])
+    # 8 blocks (dropout and residual add fused), then the pre-pool head (a ReLU output)
+    assert results['inplace'] == ([True] * 8, [False])
+    assert results['copy'] == ([False] * 8, [False])
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a.grad, b.grad)
     kept = []
     model.layer1[0].bn2.register_forward_hook(lambda mod, i, o: kept.append(o))
-    with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as spy:
+    with mock.patch.object(fastdrop, '_dropout_add', wraps=fastdrop._dropout_add) as spy:
         model(x)
-    assert [call.kwargs['inplace'] for call in spy.call_args_list][:2] == [False, True]
+    assert [call.args[3] for call in spy.call_args_list][:2] == [False, True]
     assert (kept[0] == 0).float().mean().item() < 0.01  # not dropped (a dropped copy would be ~10 % zeros)
     relu_out = torch.relu(torch.randn(100, requires_grad=True))
     assert not fastdrop._may_overwrite(relu_out, torch.nn.ReLU())
@@ -304,3 +315,42 @@ def test_gpu_kernel_that_fails_its_probe_leaves_torchs_kernel(monkeypatch, caplo
     torch.manual_seed(0)
     assert torch.equal(ours, F.dropout(x, 0.5))
     assert timm_dropfix.dropout_kernel('cpu') == 'torch'
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50', 'seresnet18', 'tv_resnet18', 'tv_resnet50', 'v2_postact'])
+def test_branch_end_dropout_fused_with_the_residual_add_is_bit_identical(name):
+    """Post-activation blocks with the dropout at the branch end add the shortcut in the same pass: the forward
+    output and every gradient are bit for bit those of the dropout followed by the addition (same seed), in place
+    or not, and a drop_path between them (timm's drop_path_rate) keeps the two steps."""
+    import copy
+    import torchvision
+    if name.startswith('tv_'):
+        base = getattr(torchvision.models, name[3:])(num_classes=5)
+    elif name == 'v2_postact':
+        base = timm.create_model('resnetv2_50', num_classes=5, preact=False)
+    else:
+        base = timm.create_model(name, num_classes=5, zero_init_last=False)
+    model = timm_dropfix.rewrite(base, branch_position='branch_end').train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    outs = {}
+    for key, m, patch in (('fused', model, None), ('steps', twin, lambda *args: None)):
+        torch.manual_seed(0)
+        with mock.patch.object(fastdrop, '_dropout_add', wraps=fastdrop._dropout_add) as spy, \
+                mock.patch('timm_dropfix.blocks.run_dropout_add', patch or fastdrop.run_dropout_add):
+            outs[key] = m(x)
+            outs[key].sum().backward()
+        n_blocks = sum(1 for b in m.modules() if timm_dropfix.is_dropfix_block(b))
+        assert spy.call_count == (n_blocks if key == 'fused' else 0)
+    assert torch.equal(outs['fused'], outs['steps'])
+    for (k, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad), k
+    with_drop_path = timm_dropfix.rewrite(timm.create_model('resnet18', num_classes=5, drop_path_rate=0.1),
+                                          branch_position='branch_end').train()
+    assert _count_fast_calls(with_drop_path, x) == 9
+    blocks = [b for b in with_drop_path.modules() if timm_dropfix.is_dropfix_block(b)]
+    plain = sum(1 for b in blocks if b.drop_path is None or isinstance(b.drop_path, torch.nn.Identity))
+    assert 0 < plain < len(blocks)  # the rate grows with depth from 0
+    with mock.patch.object(fastdrop, '_dropout_add', wraps=fastdrop._dropout_add) as spy:
+        with_drop_path(x)
+    assert spy.call_count == plain

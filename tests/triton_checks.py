@@ -117,8 +117,10 @@ def test_keeps_nothing_for_backward_any_layout_twice_differentiable_nan():
 
 
 def test_branch_end_dropout_runs_in_place_in_a_dropfix_model():
-    """The blocks' routing with the kernel standing in for CUDA: every branch-end dropout overwrites its BN output
-    (the same gradients as out of place under the same seed); the pre-pool head's (a ReLU output) does not."""
+    """The blocks' routing with the kernel standing in for CUDA: every branch-end dropout is fused with the residual
+    addition and writes into its BN output (the same gradients as out of place under the same seed; on a GPU the
+    BN is cuDNN's); the pre-pool head's dropout (a ReLU output) is not in place. The fused sum equals dropout then
+    add up to the one rounding it saves."""
     model = timm_dropfix.rewrite(timm.create_model('resnet18', num_classes=5, zero_init_last=False))
     model = model.to(DEVICE).train()
     twin = copy.deepcopy(model)
@@ -126,11 +128,18 @@ def test_branch_end_dropout_runs_in_place_in_a_dropfix_model():
     calls = {}
     for name, m, may in (('inplace', model, fastdrop._may_overwrite), ('copy', twin, lambda x, producer: False)):
         torch.manual_seed(0)
-        with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as spy, \
+        with mock.patch.object(fastdrop, 'fast_dropout', wraps=fastdrop.fast_dropout) as one, \
+                mock.patch.object(fastdrop, '_dropout_add', wraps=fastdrop._dropout_add) as add, \
                 mock.patch.object(fastdrop, '_may_overwrite', may), \
                 mock.patch.object(fastdrop._native, 'dropout_into', side_effect=AssertionError('C kernel used')):
             m(x).sum().backward()
-        calls[name] = [call.kwargs.get('inplace', False) for call in spy.call_args_list]
-    assert calls == {'inplace': [True] * 8 + [False], 'copy': [False] * 9}
+        calls[name] = ([c.args[3] for c in add.call_args_list],
+                      [c.kwargs.get('inplace', False) for c in one.call_args_list])
+    assert calls == {'inplace': ([True] * 8, [False]), 'copy': ([False] * 8, [False])}
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a.grad, b.grad)
+    branch, shortcut = torch.randn(2, 4096, device=DEVICE), torch.randn(2, 4096, device=DEVICE)
+    torch.manual_seed(1)
+    fused = timm_dropfix.fast_dropout_add(branch, shortcut, 0.3)
+    torch.manual_seed(1)
+    torch.testing.assert_close(fused, timm_dropfix.fast_dropout(branch, 0.3) + shortcut)

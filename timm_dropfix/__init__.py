@@ -11,7 +11,8 @@ Example:
 """
 from .blocks import DROPFIX_BLOCKS, is_dropfix_block
 from .fastdrop import (
-    cpu_dropout_kernel, dropout_kernel, fast_dropout, fast_dropout_mode, set_fast_dropout, use_fast_dropout,
+    cpu_dropout_kernel, dropout_kernel, fast_dropout, fast_dropout_add, fast_dropout_mode, set_fast_dropout,
+    use_fast_dropout,
 )
 from .heads import DropfixResNet, DropfixTvResNet, PrePoolDropoutHead, set_v1_strides
 from .positions import BRANCH_POSITIONS, HEAD_POSITIONS, RECOMMENDED_BRANCH, RECOMMENDED_HEAD, list_positions
@@ -26,6 +27,6 @@ __all__ = [
     'rewrite', 'summarize', 'dropfix_config', 'dropfix_twin', 'list_positions', 'set_v1_strides',
     'BRANCH_POSITIONS', 'HEAD_POSITIONS', 'RECOMMENDED_BRANCH', 'RECOMMENDED_HEAD', 'SUPPORTED_FAMILIES',
     'DropfixSummary', 'UnsupportedModelError', 'PrePoolDropoutHead', 'DropfixResNet', 'DropfixTvResNet',
-    'DropfixResNetV2', 'CifarPreResNet', 'DROPFIX_BLOCKS', 'is_dropfix_block', 'fast_dropout', 'set_fast_dropout',
-    'use_fast_dropout', 'fast_dropout_mode', 'dropout_kernel', 'cpu_dropout_kernel', '__version__',
+    'DropfixResNetV2', 'CifarPreResNet', 'DROPFIX_BLOCKS', 'is_dropfix_block', 'fast_dropout', 'fast_dropout_add',
+    'set_fast_dropout', 'use_fast_dropout', 'fast_dropout_mode', 'dropout_kernel', 'cpu_dropout_kernel', '__version__',
 ]

@@ -3,9 +3,9 @@ ctypes.
 
 The build takes about 1.5 s on the project's 2-core machine (plain C, no torch headers) and is cached in
 ``$TIMM_DROPFIX_CACHE_DIR`` (default ``~/.cache/timm_dropfix``, or ``$XDG_CACHE_HOME/timm_dropfix``) under
-``kernels/``, named by a hash of the source, the compiler's version and the platform, so an edited source or another
-compiler rebuilds it. Where no
-compiler works, :func:`load` returns None once, logs why, and :mod:`timm_dropfix.fastdrop` uses its torch-ops path.
+``kernels/``, named by a hash of the source, the flags, the compiler's version and the platform, so an edited
+source or another compiler rebuilds it. Where no compiler works, :func:`load` returns None once, logs why, and
+:mod:`timm_dropfix.fastdrop` uses its torch-ops path.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -29,6 +30,8 @@ _logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name('csrc') / 'dropout.c'
 # OpenMP first: it lets the kernel use torch's intra-op threads; without it the kernel runs on one thread
 _FLAG_SETS = (['-fopenmp'], ['-fopenmp', '-DTDF_NO_CLONES'], [], ['-DTDF_NO_CLONES'])
+# -ffp-contract=off: x * keep + s rounds twice, as dropout-then-add does (clang would otherwise fuse it)
+_BASE_FLAGS = ['-std=c99', '-O3', '-fPIC', '-shared', '-ffp-contract=off']
 _lock = threading.Lock()
 _state: dict = {}  # 'lib': the loaded library or None once a build failed
 
@@ -83,7 +86,8 @@ def _build_and_load() -> ctypes.CDLL | None:
         _logger.warning('timm_dropfix: %s --version failed (%s); the fast CPU dropout uses its torch-ops path', cc, e)
         return None
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b'\0'.join([source, version.encode(), platform.machine().encode(),
+    flags = repr((_BASE_FLAGS, _FLAG_SETS)).encode()
+    key = hashlib.sha256(b'\0'.join([source, flags, version.encode(), platform.machine().encode(),
                                      sys.platform.encode()])).hexdigest()[:16]
     errors = []
     for folder in (kernel_dir(), Path(tempfile.gettempdir()) / f'timm_dropfix-kernels-{os.getuid()}'):
@@ -108,7 +112,7 @@ def _build(cc: str, path: Path) -> str:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + '.', suffix='.tmp')
         os.close(fd)
         try:
-            cmd = [cc, '-std=c99', '-O3', '-fPIC', '-shared', *flags, str(_SOURCE), '-o', tmp]
+            cmd = [cc, *_BASE_FLAGS, *flags, str(_SOURCE), '-o', tmp]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.replace(tmp, path)
@@ -123,16 +127,19 @@ def _build(cc: str, path: Path) -> str:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, real in (('tdf_dropout_f32', ctypes.c_float), ('tdf_dropout_f64', ctypes.c_double)):
         tail = [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, real, ctypes.c_int]
-        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, *tail]
-        getattr(lib, name + '_inplace').argtypes = [ctypes.c_void_p, *tail]
-        getattr(lib, name).restype = getattr(lib, name + '_inplace').restype = None
+        # the pointers: x, then add's (the _add forms), then out's (all but the _inplace forms)
+        for suffix, pointers in (('', 2), ('_inplace', 1), ('_add', 3), ('_add_inplace', 2)):
+            fn = getattr(lib, name + suffix)
+            fn.argtypes = [ctypes.c_void_p] * pointers + tail
+            fn.restype = None
     return lib
 
 
-def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: float) -> None:
+def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: float,
+                 add: Optional[torch.Tensor] = None) -> None:
     """Run the kernel over ``x``'s memory into ``out``'s: both dense CPU float32/float64 tensors with equal strides,
-    or ``out`` is ``x`` (in place). The caller (:mod:`timm_dropfix.fastdrop`) checks that and that :func:`load`
-    returned a library.
+    or ``out`` is ``x`` (in place). ``add`` (the same layout, another storage) is added in the same pass. The caller
+    (:mod:`timm_dropfix.fastdrop`) checks that and that :func:`load` returned a library.
 
     Example:
         >>> import torch
@@ -143,6 +150,6 @@ def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: f
     """
     lib = load()
     name = 'tdf_dropout_f32' if x.dtype == torch.float32 else 'tdf_dropout_f64'
-    pointers = (x.data_ptr(),) if out is x else (x.data_ptr(), out.data_ptr())
-    getattr(lib, name + ('_inplace' if out is x else ''))(*pointers, x.numel(), seed, t, scale,
-                                                         torch.get_num_threads())
+    pointers = (x.data_ptr(),) + (() if add is None else (add.data_ptr(),)) + (() if out is x else (out.data_ptr(),))
+    name += ('' if add is None else '_add') + ('_inplace' if out is x else '')
+    getattr(lib, name)(*pointers, x.numel(), seed, t, scale, torch.get_num_threads())

@@ -16,7 +16,7 @@ from timm.models import resnet as timm_resnet
 from timm.models import resnetv2 as timm_resnetv2
 from torchvision.models import resnet as tv_resnet
 
-from .fastdrop import run_dropout
+from .fastdrop import run_dropout, run_dropout_add
 from .positions import POSTACT, PREACT
 
 __all__ = ['DropfixBlockMixin', 'DROPFIX_BLOCKS', 'dropfix_block_class', 'is_dropfix_block']
@@ -33,6 +33,23 @@ class DropfixBlockMixin:
         # branch_drop_at is a plain str, so fx and dynamo specialise on it instead of tracing a branch;
         # producer: x is this module's fresh output and only the dropout reads it (see run_dropout)
         return run_dropout(self.branch_drop, x, producer) if self.branch_drop_at == here else x
+
+    def _end(self, x: torch.Tensor, shortcut: torch.Tensor, producer: nn.Module, drop_path: Optional[nn.Module],
+             inplace_add: bool) -> torch.Tensor:
+        # a post-activation branch's end: the dropout when placed here, drop_path, then the residual addition (into
+        # x where the original block adds in place). Without a drop_path in between, the dropout and the addition
+        # run as one pass of the fused kernel where run_dropout_add applies: the same numbers, one pass less.
+        if self.branch_drop_at == 'branch_end' and (drop_path is None or isinstance(drop_path, nn.Identity)):
+            fused = run_dropout_add(self.branch_drop, x, shortcut, producer)
+            if fused is not None:
+                return fused
+        x = self._d(x, 'branch_end', producer)
+        if drop_path is not None:
+            x = drop_path(x)
+        if inplace_add:
+            x += shortcut
+            return x
+        return x + shortcut
 
 
 class DropfixPreActBasic(DropfixBlockMixin, timm_resnetv2.PreActBasic):
@@ -90,9 +107,8 @@ class DropfixV2Bottleneck(DropfixBlockMixin, timm_resnetv2.Bottleneck):
         x = self.norm2(self._d(self.conv2(x), 'after_conv2'))
         x = self._d(x, 'before_last_conv')
         x = self.norm3(self._d(self.conv3(x), 'after_conv3'))
-        x = self._d(x, 'branch_end', self.norm3)
-        x = self.drop_path(x)
-        return self._d(self.act3(x + shortcut), 'after_add')
+        x = self._end(x, shortcut, self.norm3, self.drop_path, inplace_add=False)
+        return self._d(self.act3(x), 'after_add')
 
 
 class DropfixBasicBlock(DropfixBlockMixin, timm_resnet.BasicBlock):
@@ -111,12 +127,9 @@ class DropfixBasicBlock(DropfixBlockMixin, timm_resnet.BasicBlock):
         x = self.bn2(self._d(self.conv2(x), 'after_conv2'))
         if self.se is not None:
             x = self.se(x)
-        x = self._d(x, 'branch_end', self.bn2 if self.se is None else self.se)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        x += shortcut
+        x = self._end(x, shortcut, self.bn2 if self.se is None else self.se, self.drop_path, inplace_add=True)
         x = self.act2(x)
         return self._d(x, 'after_add')
 
@@ -139,12 +152,9 @@ class DropfixBottleneck(DropfixBlockMixin, timm_resnet.Bottleneck):
         x = self.bn3(self._d(self.conv3(x), 'after_conv3'))
         if self.se is not None:
             x = self.se(x)
-        x = self._d(x, 'branch_end', self.bn3 if self.se is None else self.se)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        x += shortcut
+        x = self._end(x, shortcut, self.bn3 if self.se is None else self.se, self.drop_path, inplace_add=True)
         x = self.act3(x)
         return self._d(x, 'after_add')
 
@@ -160,10 +170,9 @@ class DropfixTvBasicBlock(DropfixBlockMixin, tv_resnet.BasicBlock):
         out = self.relu(self.bn1(self._d(self.conv1(out), 'after_conv1')))
         out = self._d(out, 'before_last_conv')
         out = self.bn2(self._d(self.conv2(out), 'after_conv2'))
-        out = self._d(out, 'branch_end', self.bn2)
         if self.downsample is not None:
             identity = self.downsample(x)
-        out += identity
+        out = self._end(out, identity, self.bn2, None, inplace_add=True)
         out = self.relu(out)
         return self._d(out, 'after_add')
 
@@ -180,10 +189,9 @@ class DropfixTvBottleneck(DropfixBlockMixin, tv_resnet.Bottleneck):
         out = self.relu(self.bn2(self._d(self.conv2(out), 'after_conv2')))
         out = self._d(out, 'before_last_conv')
         out = self.bn3(self._d(self.conv3(out), 'after_conv3'))
-        out = self._d(out, 'branch_end', self.bn3)
         if self.downsample is not None:
             identity = self.downsample(x)
-        out += identity
+        out = self._end(out, identity, self.bn3, None, inplace_add=True)
         out = self.relu(out)
         return self._d(out, 'after_add')
 

@@ -41,8 +41,8 @@ from torch.nn.modules import module as _module_hooks
 
 from . import _native
 
-__all__ = ['fast_dropout', 'run_dropout', 'set_fast_dropout', 'use_fast_dropout', 'fast_dropout_mode',
-           'dropout_kernel', 'cpu_dropout_kernel']
+__all__ = ['fast_dropout', 'fast_dropout_add', 'run_dropout', 'run_dropout_add', 'set_fast_dropout',
+           'use_fast_dropout', 'fast_dropout_mode', 'dropout_kernel', 'cpu_dropout_kernel']
 
 _LEVELS = 1 << 16  # the torch-ops path's 16-bit words
 _LEVELS32 = 1 << 32  # the fused kernel's 32-bit words
@@ -163,6 +163,38 @@ def fast_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tens
     return _WordDropout.apply(x, t)
 
 
+def fast_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
+    """``fast_dropout(x, p, inplace) + shortcut`` in one pass of the fused kernel: the end of a residual branch
+    whose dropout sits just before the addition. The same numbers as the two steps (on the CPU bit for bit; on
+    CUDA the sum is rounded once), and the backward recomputes the mask as :func:`fast_dropout` does. ``inplace``
+    writes the sum into ``x``. Where the kernel does not apply (see :func:`fast_dropout`; also a ``shortcut`` of
+    another shape, dtype, device or memory layout) it runs the two steps.
+
+    Example:
+        >>> import torch
+        >>> y = fast_dropout_add(torch.ones(10000), torch.ones(10000), 0.5)
+        >>> sorted(y.unique().tolist())
+        [1.0, 3.0]
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f'dropout rate must be in [0, 1), got {p}: pass a rate like 0.1')
+    fused = _dropout_add(x, shortcut, p, inplace) if _fast_path(x) else None
+    return fast_dropout(x, p, inplace) + shortcut if fused is None else fused
+
+
+def _dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace: bool) -> Optional[torch.Tensor]:
+    """The fused pass for an ``x`` that passed :func:`_fast_path`, or None where ``shortcut`` or the rate do not
+    suit it (the caller then runs its own two steps)."""
+    t = round(p * _LEVELS32)
+    if not (0 < t < _LEVELS32 and x.numel() and type(shortcut) is torch.Tensor and shortcut.shape == x.shape
+            and shortcut.dtype == x.dtype and shortcut.device == x.device and shortcut.stride() == x.stride()
+            and _dense_layout(x) and not torch._C._functorch.is_functorch_wrapped_tensor(shortcut)
+            and shortcut.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()):
+        return None
+    launch = _launcher(x)
+    return None if launch is None else _FusedDropoutAdd.apply(x, shortcut, _draw_seed(), t, inplace, launch)
+
+
 def _draw_seed() -> int:
     # one draw of torch's CPU generator: manual_seed and checkpoint's generator restore govern the masks
     return int(torch.empty((), dtype=torch.int64).random_(-2 ** 63, None)) & (_LEVELS32 * _LEVELS32 - 1)
@@ -196,6 +228,30 @@ class _FusedDropout(torch.autograd.Function):
         if grad.stride() != ctx.stride:  # equal strides on the same shape: the output's dense layout
             grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
         return _FusedDropout.apply(grad, ctx.seed, ctx.t, False, ctx.launch), None, None, None, None
+
+
+class _FusedDropoutAdd(torch.autograd.Function):
+    """``_FusedDropout`` of ``x`` plus ``shortcut`` in one pass (``x`` and ``shortcut`` dense with equal strides);
+    the gradient goes to ``shortcut`` unchanged and to ``x`` through the recomputed mask."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shortcut: torch.Tensor, seed: int, t: int, inplace: bool,
+                launch: Callable) -> torch.Tensor:
+        if inplace:
+            ctx.mark_dirty(x)
+            out = x
+        else:
+            out = torch.empty_like(x)
+        launch(out, x, seed, t, _LEVELS32 / (_LEVELS32 - t), add=shortcut)
+        ctx.seed, ctx.t, ctx.stride, ctx.launch = seed, t, out.stride(), launch
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g = grad
+        if g.stride() != ctx.stride:
+            g = torch.empty_strided(g.shape, ctx.stride, dtype=g.dtype, device=g.device).copy_(g)
+        return _FusedDropout.apply(g, ctx.seed, ctx.t, False, ctx.launch), grad, None, None, None, None
 
 
 class _WordDropout(torch.autograd.Function):
@@ -298,6 +354,23 @@ def run_dropout(module: nn.Module, x: torch.Tensor, producer: nn.Module | None =
             and not _has_hooks(module)):
         return fast_dropout(x, module.p, inplace=producer is not None and _may_overwrite(x, producer))
     return module(x)
+
+
+def run_dropout_add(module: nn.Module, x: torch.Tensor, shortcut: torch.Tensor,
+                    producer: nn.Module | None = None) -> Optional[torch.Tensor]:
+    """``module(x) + shortcut`` in one fused pass (:func:`fast_dropout_add`) where :func:`run_dropout` would take
+    the fast path and ``shortcut`` suits the kernel; None otherwise, and the caller runs its own steps. ``producer``
+    as in :func:`run_dropout`: where it allows, the sum is written into ``x``.
+
+    Example:
+        >>> import torch
+        >>> run_dropout_add(torch.nn.Dropout(0.5).eval(), torch.ones(3), torch.ones(3)) is None  # eval: caller's
+        True
+    """
+    if (_FAST and not torch.compiler.is_compiling() and type(module) is nn.Dropout and module.training
+            and not module.inplace and 0.0 < module.p < 1.0 and _fast_path(x) and not _has_hooks(module)):
+        return _dropout_add(x, shortcut, module.p, producer is not None and _may_overwrite(x, producer))
+    return None
 
 
 # autograd nodes that keep their inputs (or nothing) for backward, never their output

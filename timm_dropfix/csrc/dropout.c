@@ -29,31 +29,43 @@ static inline uint64_t splitmix64(uint64_t z) {
 #define TDF_PARALLEL_MIN 65536
 
 /* x * 0 (not a literal 0) for dropped elements, so NaN and inf propagate as they do through torch's x * mask.
- * The _inplace variants overwrite x (the restrict-qualified ones must not be given out == x). */
+ * The _inplace variants overwrite x (the restrict-qualified ones must not be given out == x). The _add variants
+ * add a second tensor s in the same pass, as the residual addition after a branch-end dropout: x * keep + s, two
+ * roundings as in dropout-then-add (built with -ffp-contract=off, so no fused multiply-add). */
 #define TDF_KEEP(T, h, hi) (((uint32_t)((h) >> ((hi) * 32))) >= t ? scale : (T)0)
+#define TDF_MUL(i, k) (x[i] * (k))
+#define TDF_MUL_ADD(i, k) (x[i] * (k) + s[i])
 
-#define TDF_LOOP(T, SRC, DST)                                                                                      \
+#define TDF_LOOP(T, DST, VAL)                                                                                      \
     int64_t blocks = n / 16;                                                                                       \
     _Pragma("omp parallel for if(n >= TDF_PARALLEL_MIN) num_threads(threads) schedule(static)")                    \
     for (int64_t b = 0; b < blocks; ++b) {                                                                         \
         uint64_t h[8];                                                                                             \
         for (int j = 0; j < 8; ++j) h[j] = splitmix64(seed + (uint64_t)(8 * b + j + 1) * GAMMA);                  \
-        for (int j = 0; j < 8; ++j) DST[16 * b + j] = SRC[16 * b + j] * TDF_KEEP(T, h[j], 0);                      \
-        for (int j = 0; j < 8; ++j) DST[16 * b + 8 + j] = SRC[16 * b + 8 + j] * TDF_KEEP(T, h[j], 1);              \
+        for (int j = 0; j < 8; ++j) DST[16 * b + j] = VAL(16 * b + j, TDF_KEEP(T, h[j], 0));                      \
+        for (int j = 0; j < 8; ++j) DST[16 * b + 8 + j] = VAL(16 * b + 8 + j, TDF_KEEP(T, h[j], 1));              \
     }                                                                                                              \
     for (int64_t i = 16 * blocks; i < n; ++i) {                                                                    \
         int64_t k = i - 16 * blocks;                                                                               \
         uint64_t h = splitmix64(seed + (uint64_t)(8 * blocks + (k & 7) + 1) * GAMMA);                              \
-        DST[i] = SRC[i] * TDF_KEEP(T, h, k >> 3);                                                                  \
+        DST[i] = VAL(i, TDF_KEEP(T, h, k >> 3));                                                                   \
     }
 
 #define TDF_DROPOUT(NAME, T)                                                                                       \
     TDF_CLONES void NAME(const T *restrict x, T *restrict out, int64_t n, uint64_t seed, uint32_t t, T scale,      \
                          int threads) {                                                                            \
-        TDF_LOOP(T, x, out)                                                                                        \
+        TDF_LOOP(T, out, TDF_MUL)                                                                                  \
     }                                                                                                              \
     TDF_CLONES void NAME##_inplace(T *x, int64_t n, uint64_t seed, uint32_t t, T scale, int threads) {             \
-        TDF_LOOP(T, x, x)                                                                                          \
+        TDF_LOOP(T, x, TDF_MUL)                                                                                    \
+    }                                                                                                              \
+    TDF_CLONES void NAME##_add(const T *restrict x, const T *restrict s, T *restrict out, int64_t n, uint64_t seed, \
+                               uint32_t t, T scale, int threads) {                                                 \
+        TDF_LOOP(T, out, TDF_MUL_ADD)                                                                              \
+    }                                                                                                              \
+    TDF_CLONES void NAME##_add_inplace(T *x, const T *restrict s, int64_t n, uint64_t seed, uint32_t t, T scale,   \
+                                       int threads) {                                                              \
+        TDF_LOOP(T, x, TDF_MUL_ADD)                                                                                \
     }
 
 TDF_DROPOUT(tdf_dropout_f32, float)
