@@ -7,7 +7,8 @@ then rounded to the tensor's dtype, as torch's CUDA kernel does for half types),
 stored but the seed: the backward pass runs the same kernel on the gradient. The words come from Triton's Philox
 (``tl.randint4x``, ten rounds, keyed by a 62-bit seed): one call per four elements. A program handles ``BLOCK``
 elements as four contiguous quarters, and quarter ``k`` uses word ``k`` of the counter ``program * BLOCK / 4 + j``,
-so every load and store stays coalesced and an element's mask depends only on the seed and its index.
+so every load and store stays coalesced and an element's mask depends only on the seed and its index. With ``add``
+the same pass also adds a second tensor (the residual shortcut after a branch-end dropout).
 """
 from __future__ import annotations
 

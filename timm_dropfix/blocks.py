@@ -4,7 +4,8 @@ Each class here subclasses a timm or torchvision block and only replaces ``forwa
 same order, plus ``self.branch_drop`` (an ``nn.Dropout`` or ``nn.Identity``) at ``self.branch_drop_at``. Swapping an
 existing block's ``__class__`` to its subclass therefore keeps every state_dict key, and in eval mode the output is
 the original's bit for bit. The dropout is a module (not ``F.dropout(training=...)``) so that torch.fx and export do
-not bake the training flag in; eager CPU training runs it through :func:`~timm_dropfix.fastdrop.run_dropout`.
+not bake the training flag in; eager training runs it through :func:`~timm_dropfix.fastdrop.run_dropout` (and
+:func:`~timm_dropfix.fastdrop.run_dropout_add` at a post-activation branch's end, fused with the addition).
 """
 from __future__ import annotations
 

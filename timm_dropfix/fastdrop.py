@@ -10,9 +10,10 @@ two halves of SplitMix64 hashes of the seed and the element's index (one hash pe
 ``p`` within 1.2e-10, kept values are scaled by the exact inverse of the keep probability, results are deterministic
 under ``torch.manual_seed`` and independent of the thread count, and the backward pass recomputes the mask from the
 seed: nothing but the seed is kept for it. At the end of a post-activation branch the blocks let it overwrite the BN
-or SE output it drops (see :func:`run_dropout`), so it allocates nothing there either. Where no C compiler is
-available, a torch-ops path draws 16 random bits per element (four lanes of one 64-bit draw of torch's generator,
-``p`` rounded to a multiple of 1/65536) and keeps a float mask, like torch's kernel.
+or SE output it drops (see :func:`run_dropout`), so it allocates nothing there either, and add the residual shortcut
+in the same pass (:func:`fast_dropout_add`, :func:`run_dropout_add`). Where no C compiler is available, a
+torch-ops path draws 16 random bits per element (four lanes of one 64-bit draw of torch's generator, ``p`` rounded
+to a multiple of 1/65536) and keeps a float mask, like torch's kernel.
 
 On CUDA (float16, bfloat16, float32) the same contract runs as a Triton kernel (:mod:`timm_dropfix._triton`:
 Philox words, one pass, nothing saved for backward, in place at branch ends), where torch's kernel writes a
@@ -179,7 +180,10 @@ def fast_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace:
     if not 0.0 <= p < 1.0:
         raise ValueError(f'dropout rate must be in [0, 1), got {p}: pass a rate like 0.1')
     fused = _dropout_add(x, shortcut, p, inplace) if _fast_path(x) else None
-    return fast_dropout(x, p, inplace) + shortcut if fused is None else fused
+    if fused is not None:
+        return fused
+    dropped = fast_dropout(x, p, inplace)
+    return dropped.add_(shortcut) if inplace else dropped + shortcut
 
 
 def _dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace: bool) -> Optional[torch.Tensor]:
@@ -225,9 +229,15 @@ class _FusedDropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if grad.stride() != ctx.stride:  # equal strides on the same shape: the output's dense layout
-            grad = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
-        return _FusedDropout.apply(grad, ctx.seed, ctx.t, False, ctx.launch), None, None, None, None
+        return _FusedDropout.apply(_in_layout(grad, ctx.stride), ctx.seed, ctx.t, False, ctx.launch), \
+            None, None, None, None
+
+
+def _in_layout(grad: torch.Tensor, stride: tuple) -> torch.Tensor:
+    """``grad`` with the forward output's strides (the kernel's element order is memory order)."""
+    if grad.stride() == stride:  # equal strides on the same shape: the output's dense layout
+        return grad
+    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 class _FusedDropoutAdd(torch.autograd.Function):
@@ -248,10 +258,8 @@ class _FusedDropoutAdd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        g = grad
-        if g.stride() != ctx.stride:
-            g = torch.empty_strided(g.shape, ctx.stride, dtype=g.dtype, device=g.device).copy_(g)
-        return _FusedDropout.apply(g, ctx.seed, ctx.t, False, ctx.launch), grad, None, None, None, None
+        return _FusedDropout.apply(_in_layout(grad, ctx.stride), ctx.seed, ctx.t, False, ctx.launch), grad, \
+            None, None, None, None
 
 
 class _WordDropout(torch.autograd.Function):
@@ -348,10 +356,7 @@ def run_dropout(module: nn.Module, x: torch.Tensor, producer: nn.Module | None =
         >>> run_dropout(torch.nn.Dropout(0.5).eval(), torch.ones(3))
         tensor([1., 1., 1.])
     """
-    # is_compiling covers dynamo and export
-    if (_FAST and not torch.compiler.is_compiling() and type(module) is nn.Dropout and module.training
-            and not module.inplace and 0.0 < module.p < 1.0 and _fast_path(x)
-            and not _has_hooks(module)):
+    if _module_takes_fast_path(module, x):
         return fast_dropout(x, module.p, inplace=producer is not None and _may_overwrite(x, producer))
     return module(x)
 
@@ -367,10 +372,15 @@ def run_dropout_add(module: nn.Module, x: torch.Tensor, shortcut: torch.Tensor,
         >>> run_dropout_add(torch.nn.Dropout(0.5).eval(), torch.ones(3), torch.ones(3)) is None  # eval: caller's
         True
     """
-    if (_FAST and not torch.compiler.is_compiling() and type(module) is nn.Dropout and module.training
-            and not module.inplace and 0.0 < module.p < 1.0 and _fast_path(x) and not _has_hooks(module)):
+    if _module_takes_fast_path(module, x):
         return _dropout_add(x, shortcut, module.p, producer is not None and _may_overwrite(x, producer))
     return None
+
+
+def _module_takes_fast_path(module: nn.Module, x: torch.Tensor) -> bool:
+    # is_compiling covers dynamo and export
+    return (_FAST and not torch.compiler.is_compiling() and type(module) is nn.Dropout and module.training
+            and not module.inplace and 0.0 < module.p < 1.0 and _fast_path(x) and not _has_hooks(module))
 
 
 # autograd nodes that keep their inputs (or nothing) for backward, never their output
