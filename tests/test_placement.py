@@ -97,8 +97,11 @@ def test_one_dropout_per_block_after_last_norm(family):
         norms_after = [n for n in after if isinstance(children[n], _BN) and n != 'downsample']
         # the reason behind the rule: no BN of the branch sees the dropped signal
         assert not norms_after, f'a BN runs after the dropout in {type(block).__name__}: {norms_after}'
-        assert isinstance(children[before[-1]], _BN) or before[-1] in ('se', 'aa', 'act2', 'act1', 'drop_block'), \
-            f'dropout does not follow the last norm: {calls}'
+        # the shortcut's downsample may run before the branch's dropout (post-act blocks fuse the dropout with the
+        # residual addition, which needs the shortcut first): the branch's own modules are what must precede it
+        branch_before = [n for n in before if n != 'downsample']
+        assert isinstance(children[branch_before[-1]], _BN) or branch_before[-1] in (
+            'se', 'aa', 'act2', 'act1', 'drop_block'), f'dropout does not follow the last norm: {calls}'
         last_conv = max(convs, key=lambda n: int(n[-1]))
         if kind == 'preact':
             assert after[0] == last_conv, f'pre-act: dropout must sit right before {last_conv}, got {calls}'
