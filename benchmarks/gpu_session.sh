@@ -24,7 +24,8 @@ step() {  # step NAME COMMAND...: run it, keep its log, go on after a failure (t
     echo "== $name: exit $rc after $((SECONDS - t0)) s"; tail -n 25 "$OUT/$name.log"
     [ $rc -eq 0 ] || status=1
 }
-pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || pip install -q -e . >>"$OUT/install.log" 2>&1
+# --no-deps: keep the machine's own torch; the scripts and pytest also find the package from the checkout
+pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || echo "install failed (see install.log)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1; cat "$OUT/gpu.txt"
 step triton_checks python -m pytest -q -p no:cacheprovider tests/triton_checks.py
 step dropout_speed python benchmarks/dropout_speed.py --device cuda --repeats 10 --out "$OUT/dropout_speed_gpu"
