@@ -354,3 +354,53 @@ def test_branch_end_dropout_fused_with_the_residual_add_is_bit_identical(name):
     with mock.patch.object(fastdrop, '_dropout_add', wraps=fastdrop._dropout_add) as spy:
         with_drop_path(x)
     assert spy.call_count == plain
+
+
+@pytest.mark.parametrize('name', ['preresnet18_dropfix', 'preresnet50_dropfix'])
+def test_preact_bn_relu_and_dropout_fused_are_bit_identical_and_keep_one_tensor_less(name):
+    """Before a pre-activation branch's last conv the BN's ReLU and the dropout run as one pass into the BN output:
+    output, gradients and running statistics bit for bit those of the modules (same seed), and autograd keeps
+    exactly one tensor less per block (the ReLU's output, which the modules keep besides the dropout's). A hook on
+    the BN-ReLU module, eval mode or the switch turned off leave the modules in charge."""
+    import copy
+    model = timm.create_model(name, num_classes=5).train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    blocks = [b for b in model.modules() if timm_dropfix.is_dropfix_block(b)]
+    outs, kept, relu_bytes = {}, {}, []
+    for key, m, route in (('fused', model, fastdrop.run_norm_act_dropout), ('modules', twin, lambda *a: None)):
+        saved = {}
+
+        def pack(t, saved=saved):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        torch.manual_seed(0)
+        with mock.patch('timm_dropfix.blocks.run_norm_act_dropout', route), \
+                mock.patch.object(fastdrop._FusedReluDropout, 'apply', wraps=fastdrop._FusedReluDropout.apply) as spy, \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outs[key] = m(x)
+        outs[key].sum().backward()
+        kept[key] = sum(saved.values())
+        assert spy.call_count == (len(blocks) if key == 'fused' else 0)
+    assert torch.equal(outs['fused'], outs['modules'])
+    for (k, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad), k
+    for a, b in zip(model.buffers(), twin.buffers()):
+        assert torch.equal(a, b)
+    last_norms = [b.norm3 if hasattr(b, 'norm3') else b.norm2
+                  for b in twin.modules() if timm_dropfix.is_dropfix_block(b)]
+    handles = [n.register_forward_hook(lambda mod, i, o: relu_bytes.append(o.untyped_storage().nbytes()))
+               for n in last_norms]
+    with torch.no_grad():
+        twin(x)
+    assert kept['modules'] - kept['fused'] == sum(relu_bytes)
+    for h in handles[1:]:
+        h.remove()  # the first block's BN-ReLU keeps its hook: that block runs the modules
+    with mock.patch.object(fastdrop._FusedReluDropout, 'apply', wraps=fastdrop._FusedReluDropout.apply) as spy:
+        twin(x)
+        assert spy.call_count == len(blocks) - 1
+        twin.eval()(x)
+        timm_dropfix.set_fast_dropout(False)
+        twin.train()(x)
+        assert spy.call_count == len(blocks) - 1
+    handles[0].remove()

@@ -143,3 +143,23 @@ def test_branch_end_dropout_runs_in_place_in_a_dropfix_model():
     fused = timm_dropfix.fast_dropout_add(branch, shortcut, 0.3)
     torch.manual_seed(1)
     torch.testing.assert_close(fused, timm_dropfix.fast_dropout(branch, 0.3) + shortcut)
+
+
+def test_preact_bn_relu_and_dropout_fused():
+    """A pre-activation model with the kernel standing in for CUDA: each block's BN-ReLU and dropout run as one pass
+    (the Triton kernel's ReLU form), with the modules' numbers and gradients under the same seed."""
+    model = timm.create_model('preresnet18_dropfix', num_classes=5).to(DEVICE).train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    outs = {}
+    for key, m, route in (('fused', model, fastdrop.run_norm_act_dropout), ('modules', twin, lambda *a: None)):
+        torch.manual_seed(0)
+        with mock.patch('timm_dropfix.blocks.run_norm_act_dropout', route), \
+                mock.patch.object(fastdrop._FusedReluDropout, 'apply', wraps=fastdrop._FusedReluDropout.apply) as spy, \
+                mock.patch.object(fastdrop._native, 'dropout_into', side_effect=AssertionError('C kernel used')):
+            outs[key] = m(x)
+            outs[key].sum().backward()
+        assert spy.call_count == (8 if key == 'fused' else 0)
+    torch.testing.assert_close(outs['fused'], outs['modules'])
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)

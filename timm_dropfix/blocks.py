@@ -17,7 +17,7 @@ from timm.models import resnet as timm_resnet
 from timm.models import resnetv2 as timm_resnetv2
 from torchvision.models import resnet as tv_resnet
 
-from .fastdrop import run_dropout, run_dropout_add
+from .fastdrop import run_dropout, run_dropout_add, run_norm_act_dropout
 from .positions import POSTACT, PREACT
 
 __all__ = ['DropfixBlockMixin', 'DROPFIX_BLOCKS', 'dropfix_block_class', 'is_dropfix_block']
@@ -34,6 +34,15 @@ class DropfixBlockMixin:
         # branch_drop_at is a plain str, so fx and dynamo specialise on it instead of tracing a branch;
         # producer: x is this module's fresh output and only the dropout reads it (see run_dropout)
         return run_dropout(self.branch_drop, x, producer) if self.branch_drop_at == here else x
+
+    def _nd(self, norm: nn.Module, x: torch.Tensor, here: str) -> torch.Tensor:
+        # norm(x), then the dropout when placed here; a BN-ReLU and its dropout run as one fused pass where
+        # run_norm_act_dropout applies (the same numbers, one pass and one kept tensor less)
+        if self.branch_drop_at == here:
+            fused = run_norm_act_dropout(self.branch_drop, norm, x)
+            if fused is not None:
+                return fused
+        return self._d(norm(x), here)
 
     def _end(self, x: torch.Tensor, shortcut: torch.Tensor, producer: nn.Module, drop_path: Optional[nn.Module],
              inplace_add: bool) -> torch.Tensor:
@@ -67,7 +76,7 @@ class DropfixPreActBasic(DropfixBlockMixin, timm_resnetv2.PreActBasic):
         else:
             x = self.norm1(self._d(x, 'branch_start'))
         x = self._d(self.conv1(x), 'after_conv1')
-        x = self.conv2(self._d(self.norm2(x), 'before_last_conv'))
+        x = self.conv2(self._nd(self.norm2, x, 'before_last_conv'))
         x = self._d(x, 'after_conv2')
         x = self.drop_path(x)
         return self._d(x + shortcut, 'after_add')
@@ -88,7 +97,7 @@ class DropfixPreActBottleneck(DropfixBlockMixin, timm_resnetv2.PreActBottleneck)
             x = self.norm1(self._d(x, 'branch_start'))
         x = self._d(self.conv1(x), 'after_conv1')
         x = self._d(self.conv2(self.norm2(x)), 'after_conv2')
-        x = self.conv3(self._d(self.norm3(x), 'before_last_conv'))
+        x = self.conv3(self._nd(self.norm3, x, 'before_last_conv'))
         x = self._d(x, 'after_conv3')
         x = self.drop_path(x)
         return self._d(x + shortcut, 'after_add')

@@ -11,9 +11,10 @@ two halves of SplitMix64 hashes of the seed and the element's index (one hash pe
 under ``torch.manual_seed`` and independent of the thread count, and the backward pass recomputes the mask from the
 seed: nothing but the seed is kept for it. At the end of a post-activation branch the blocks let it overwrite the BN
 or SE output it drops (see :func:`run_dropout`), so it allocates nothing there either, and add the residual shortcut
-in the same pass (:func:`fast_dropout_add`, :func:`run_dropout_add`). Where no C compiler is available, a
-torch-ops path draws 16 random bits per element (four lanes of one 64-bit draw of torch's generator, ``p`` rounded
-to a multiple of 1/65536) and keeps a float mask, like torch's kernel.
+in the same pass (:func:`fast_dropout_add`, :func:`run_dropout_add`); before a pre-activation branch's last conv
+they run the BN's ReLU and the dropout as one pass (:func:`run_norm_act_dropout`). Where no C compiler is
+available, a torch-ops path draws 16 random bits per element (four lanes of one 64-bit draw of torch's generator,
+``p`` rounded to a multiple of 1/65536) and keeps a float mask, like torch's kernel.
 
 On CUDA (float16, bfloat16, float32) the same contract runs as a Triton kernel (:mod:`timm_dropfix._triton`:
 Philox words, one pass, nothing saved for backward, in place at branch ends), where torch's kernel writes a
@@ -36,14 +37,15 @@ import os
 from typing import Callable, Iterator, Optional
 
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules import module as _module_hooks
 
 from . import _native
 
-__all__ = ['fast_dropout', 'fast_dropout_add', 'run_dropout', 'run_dropout_add', 'set_fast_dropout',
-           'use_fast_dropout', 'fast_dropout_mode', 'dropout_kernel', 'cpu_dropout_kernel']
+__all__ = ['fast_dropout', 'fast_dropout_add', 'run_dropout', 'run_dropout_add', 'run_norm_act_dropout',
+           'set_fast_dropout', 'use_fast_dropout', 'fast_dropout_mode', 'dropout_kernel', 'cpu_dropout_kernel']
 
 _LEVELS = 1 << 16  # the torch-ops path's 16-bit words
 _LEVELS32 = 1 << 32  # the fused kernel's 32-bit words
@@ -262,6 +264,25 @@ class _FusedDropoutAdd(torch.autograd.Function):
             None, None, None, None
 
 
+class _FusedReluDropout(torch.autograd.Function):
+    """ReLU, then the kernel's dropout, written into ``z`` (a fresh BN output). Backward needs only the output (the
+    gradient is ``scale`` where it is positive, 0 elsewhere), which the next conv keeps anyway: nothing is added to
+    what autograd holds, where the ReLU and the dropout as modules keep one more tensor."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, seed: int, t: int, launch: Callable) -> torch.Tensor:
+        ctx.mark_dirty(z)
+        ctx.scale = _LEVELS32 / (_LEVELS32 - t)
+        launch(z, z, seed, t, ctx.scale, relu=True)
+        ctx.save_for_backward(z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad * ctx.scale, out, 0), None, None, None
+
+
 class _WordDropout(torch.autograd.Function):
     """The torch-ops path (no C compiler): 16-bit words of torch's generator, a float mask kept for backward."""
 
@@ -375,6 +396,33 @@ def run_dropout_add(module: nn.Module, x: torch.Tensor, shortcut: torch.Tensor,
     if _module_takes_fast_path(module, x):
         return _dropout_add(x, shortcut, module.p, producer is not None and _may_overwrite(x, producer))
     return None
+
+
+def run_norm_act_dropout(module: nn.Module, norm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``module(norm(x))`` for a timm ``BatchNormAct2d`` with a ReLU (the BN-ReLU before a pre-activation branch's
+    last conv, where the recommended dropout sits): the BN as the module computes it, then the ReLU and the dropout
+    in one pass of the fused kernel, written into the BN output. The same numbers as the modules (on the CPU bit
+    for bit), and one tensor fewer kept for backward. None where :func:`run_dropout` would not take the fast path or
+    ``norm`` is anything else or has hooks (its own or its activation's); the caller then runs the modules.
+
+    Example:
+        >>> import torch
+        >>> from timm.layers import BatchNormAct2d
+        >>> run_norm_act_dropout(torch.nn.Dropout(0.5).eval(), BatchNormAct2d(4), torch.ones(2, 4, 3, 3)) is None
+        True
+    """
+    if not (type(norm) is BatchNormAct2d and type(getattr(norm, 'act', None)) is nn.ReLU
+            and isinstance(getattr(norm, 'drop', nn.Identity()), nn.Identity)
+            and not _has_hooks(norm) and not _has_hooks(norm.act) and _module_takes_fast_path(module, x)):
+        return None
+    launch, t = _launcher(x), round(module.p * _LEVELS32)
+    if launch is None or not 0 < t < _LEVELS32:
+        return None
+    # BatchNormAct2d.forward runs this same batch norm (a copy of BatchNorm2d's), then its drop and act
+    z = nn.BatchNorm2d.forward(norm, x)
+    if not _dense_layout(z):
+        return run_dropout(module, norm.act(z))
+    return _FusedReluDropout.apply(z, _draw_seed(), t, launch)
 
 
 def _module_takes_fast_path(module: nn.Module, x: torch.Tensor) -> bool:
