@@ -361,9 +361,9 @@ def step_peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
 
 
 def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int,
-                         compile_backend: Optional[str] = None) -> dict[str, Any]:
-    """Step time of resnet50 without dropout vs with the recommended placement, on the same fixed batch,
-    in interleaved rounds (order alternating), all in the toolkit configuration.
+                         compile_backend: Optional[str] = None, model: str = 'resnet50') -> dict[str, Any]:
+    """Step time of ``model`` (a timm name; resnet50 by default) without dropout vs with the recommended placement,
+    on the same fixed batch, in interleaved rounds (order alternating), all in the toolkit configuration.
 
     Arms besides ``no_dropout`` and ``dropfix`` (the default route: timm_dropfix's fast dropout, the C kernel on
     CPU and the Triton one on CUDA): ``dropfix_torch_kernel`` (the same model on torch's own dropout kernel) and
@@ -377,11 +377,11 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
     fuse the dropout into its neighbours.
     """
     torch.manual_seed(0)
-    off = make_model('resnet50', device, toolkit=True, dropout=False)
-    models = {'no_dropout': (off, None), 'dropfix': (make_model('resnet50', device, toolkit=True, dropout=True), None)}
+    off = make_model(model, device, toolkit=True, dropout=False)
+    models = {'no_dropout': (off, None), 'dropfix': (make_model(model, device, toolkit=True, dropout=True), None)}
     if not compile_backend:
-        models['dropfix_torch_kernel'] = (make_model('resnet50', device, toolkit=True, dropout=True), False)
-        models['mask_only'] = (with_fixed_masks(make_model('resnet50', device, toolkit=True, dropout=True)), None)
+        models['dropfix_torch_kernel'] = (make_model(model, device, toolkit=True, dropout=True), False)
+        models['mask_only'] = (with_fixed_masks(make_model(model, device, toolkit=True, dropout=True)), None)
     trainers = {}
     for k, (m, fast) in models.items():
         m.load_state_dict(off.state_dict())
@@ -417,7 +417,7 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
                 'overhead_mean_ci95': [ci['ci_low'], ci['ci_high']] if len(ratios) > 1 else None,
                 'wall_overhead_median': statistics.median(wall_ratios)}
 
-    out = {'size': size, 'batch': batch, 'timer': 'process CPU time' if device.type == 'cpu' else 'wall (synced)',
+    out = {'model': model, 'size': size, 'batch': batch, 'timer': 'process CPU time' if device.type == 'cpu' else 'wall (synced)',
            'compile_backend': compile_backend, 'warmup_s': warm_s,
            'step_s': {k: summary(v) for k, v in times.items()},
            'step_wall_s': {k: summary(v) for k, v in wall.items()}, **overhead('dropfix'),
@@ -438,13 +438,15 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
 
 def dropout_call_share(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, Any]:
     """Share of each CPU step spent inside the fused dropout's own calls (forward and backward of
-    ``timm_dropfix.fastdrop._FusedDropout`` and ``_FusedDropoutAdd``: output allocation, seed, kernel), in process
-    CPU time and in wall time. A direct estimate of the dropout's cost that other tenants of the machine disturb far
-    less than the difference of two noisy step times; it leaves out indirect costs (caches the dropout evicts), and
-    it includes the residual additions fused into the branch-end dropouts (which the model without dropout runs
-    too), so it overstates the dropout's own share by their time."""
+    ``timm_dropfix.fastdrop._FusedDropout``, ``_FusedDropoutAdd`` and ``_FusedReluDropout``: output allocation,
+    seed, kernel), in process CPU time and in wall time. A direct estimate of the dropout's cost that other tenants
+    of the machine disturb far less than the difference of two noisy step times; it leaves out indirect costs
+    (caches the dropout evicts), and
+    it includes the residual additions fused into post-activation branch-end dropouts and the ReLUs fused into
+    pre-activation ones (which the model without dropout runs too), so it overstates the dropout's own share by
+    their time."""
     from timm_dropfix import fastdrop
-    functions = (fastdrop._FusedDropout, fastdrop._FusedDropoutAdd)
+    functions = (fastdrop._FusedDropout, fastdrop._FusedDropoutAdd, fastdrop._FusedReluDropout)
     spent = {'cpu': 0.0, 'wall': 0.0, 'calls': 0}
     depth = [0]  # backward applies _FusedDropout again: count only the outermost call
     originals = [(fn, fn.forward, fn.backward) for fn in functions]
@@ -516,7 +518,7 @@ def child_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     loader = it = None
     if cfg['kind'] == 'dropfix':
-        model = make_model('resnet50', device, toolkit=True, dropout=cfg['dropout'])
+        model = make_model(cfg.get('model', 'resnet50'), device, toolkit=True, dropout=cfg['dropout'])
         trainer = Trainer(model, device, True, fast_dropout=cfg.get('fast_dropout'))
         x = torch.randn(cfg['batch'], 3, cfg['size'], cfg['size'])
         y = torch.randint(0, 37, (cfg['batch'],))
@@ -612,7 +614,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, iters
 
 # ----------------------------------------------------------------------------------------------- main
 def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
-        dropfix_compile: Optional[str] = None) -> dict[str, Any]:
+        dropfix_compile: Optional[str] = None, dropfix_model: str = 'resnet50') -> dict[str, Any]:
     prof = dict(PROFILES[profile])
     if workers is not None:
         prof['workers'] = workers
@@ -724,11 +726,11 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
 
         # dropout cost
         dsize, dbatch = prof['dropfix_size']
-        dro = measure_dropfix_time(dsize, dbatch, device, prof['dropfix_pairs'])
+        dro = measure_dropfix_time(dsize, dbatch, device, prof['dropfix_pairs'], model=dropfix_model)
         if device.type == 'cuda':
             for k, flag, fast in (('no_dropout', False, None), ('dropfix', True, None),
                                   ('dropfix_torch_kernel', True, False)):
-                m = make_model('resnet50', device, True, dropout=flag)
+                m = make_model(dropfix_model, device, True, dropout=flag)
                 tr = Trainer(m, device, True, fast_dropout=fast)
                 x = torch.randn(dbatch, 3, dsize, dsize, device=device).contiguous(memory_format=torch.channels_last)
                 y = torch.randint(0, 37, (dbatch,), device=device)
@@ -741,7 +743,7 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
             for k, flag, fast in (('no_dropout', False, None), ('dropfix', True, None),
                                   ('dropfix_torch_kernel', True, False)):
                 probes.append((dro['memory'], k, {'kind': 'dropfix', 'dropout': flag, 'fast_dropout': fast,
-                                                  'size': dsize, 'batch': dbatch}))
+                                                  'size': dsize, 'batch': dbatch, 'model': dropfix_model}))
             mem_key = 'peak_mem'
         if probes:
             # the dropout's probes in memory_repeats rounds (their ratio is a target), the paths' once
@@ -763,7 +765,8 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
               + ', '.join(f"{k} {a['overhead_median']:+.3f}" for k, a in dro['arms'].items()), flush=True)
         backend = prof.get('dropfix_compile') if dropfix_compile is None else dropfix_compile
         if backend and backend != 'none':
-            comp = measure_dropfix_time(dsize, dbatch, device, prof['dropfix_pairs'], compile_backend=backend)
+            comp = measure_dropfix_time(dsize, dbatch, device, prof['dropfix_pairs'], compile_backend=backend,
+                                        model=dropfix_model)
             dro['compiled'] = comp
             print(f"dropfix step overhead under torch.compile({backend!r}) {comp['overhead_median']:+.3f}"
                   + (f", step peak memory {comp['step_peak_overhead']:+.3f}" if 'step_peak_overhead' in comp else '')
@@ -781,7 +784,7 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
         'step_speedup': head['steps']['resnet50']['speedup'],
         'dropfix_step_overhead': result['dropfix']['overhead_median'],
         'dropfix_peak_mem_overhead': result['dropfix']['peak_mem_overhead'],
-        'at': f"{head['img_size']} px (loader, steps); dropfix at {dsize} px",
+        'at': f"{head['img_size']} px (loader, steps); dropfix ({dropfix_model}) at {dsize} px",
     }
     return result
 
@@ -878,7 +881,8 @@ def to_markdown(res: dict[str, Any]) -> str:
     d = res['dropfix']
     lines += ['', 'Achieved TFLOP/s = img/s x training FLOPs per image (forward + backward, FlopCounterMode); '
               'epoch s is measured on CUDA and estimated (epoch images / img/s) on CPU.']
-    lines += ['', f"## Recommended dropout placement vs no dropout (resnet50, {d['size']} px, batch {d['batch']}, "
+    lines += ['', f"## Recommended dropout placement vs no dropout ({d.get('model', 'resnet50')}, {d['size']} px, "
+              f"batch {d['batch']}, "
               'toolkit config)', '',
               '| | step s | overhead (median of rounds) | peak memory (median of probes) | saved activations |',
               '|---|---|---|---|---|']
@@ -904,7 +908,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     share = d.get('dropout_call_share')
     if share:
         lines += [f"Direct cost: the fused dropout's own calls ({share['calls_per_step']} per step, forward and "
-                  "backward; the branch-end ones include the residual addition fused into them) took "
+                  "backward; fused residual additions or ReLUs included) took "
                   f"{share['cpu']['mean']:.2%} ± {share['cpu']['std']:.2%} of each step's process CPU "
                   f"time ({share['wall']['mean']:.2%} ± {share['wall']['std']:.2%} of its wall time) over "
                   f"{share['cpu']['n']} more steps: the cost of the dropout itself, less disturbed by the machine's "
@@ -940,6 +944,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--dropfix-compile', default=None, metavar='BACKEND',
                         help="also measure the dropout's cost under torch.compile with this backend "
                              "(gpu profile: inductor; 'none' skips it)")
+    parser.add_argument('--dropfix-model', default='resnet50', metavar='NAME',
+                        help='timm model for the dropout cost (e.g. resnetv2_50, pre-activation); results then go to '
+                             'throughput_<profile>-<NAME>.*')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out-dir', default=str(RESULTS_DIR))
     parser.add_argument('--note', default=None, help='free text stored with the results (e.g. machine load)')
@@ -953,18 +960,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit('--gpu needs a CUDA device; run --quick or the default profile on CPU')
     profile = 'quick' if args.quick else 'gpu' if args.gpu else 'smoke' if args.smoke else 'default'
     started, t0 = utc_now(), time.perf_counter()
-    result = run(profile, Path(args.out_dir), args.seed, args.workers, args.dropfix_compile)
+    result = run(profile, Path(args.out_dir), args.seed, args.workers, args.dropfix_compile, args.dropfix_model)
     result['targets'] = targets(result)
     if args.note:
         result['note'] = args.note
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = write_result(out_dir / f'throughput_{profile}.json', result,
+    name = f'throughput_{profile}' + ('' if args.dropfix_model == 'resnet50' else f'-{args.dropfix_model}')
+    written = write_result(out_dir / f'{name}.json', result,
                            command=command_line(argv, 'benchmarks/throughput.py'), seeds=[args.seed],
                            wall_time_s=time.perf_counter() - t0, started_at=started)
-    (out_dir / f'throughput_{profile}.md').write_text(to_markdown(written))
+    (out_dir / f'{name}.md').write_text(to_markdown(written))
     h = result['headline']
-    print(f"results: {out_dir / f'throughput_{profile}.json'} ({time.perf_counter() - t0:.0f} s)")
+    print(f"results: {out_dir / f'{name}.json'} ({time.perf_counter() - t0:.0f} s)")
     print(f"loader_speedup={h['loader_speedup']:.2f} step_speedup={h['step_speedup']:.2f} "
           f"dropfix_step_overhead={h['dropfix_step_overhead']:.4f}")
 

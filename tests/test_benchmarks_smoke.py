@@ -331,6 +331,15 @@ def test_dropout_speed_times_every_kernel_at_every_shape(tmp_path):
     assert '| 16x256x32x32 |' in (tmp_path / 'ds.md').read_text()
 
 
+def test_dropout_cost_of_a_preactivation_model():
+    """--dropfix-model: the same arms on another timm model; a pre-activation resnetv2_50 runs its 16 branch
+    dropouts fused with the BN's ReLU, each timed in forward and backward, plus the head's dropout."""
+    d = throughput.measure_dropfix_time(64, 2, torch.device('cpu'), 1, model='resnetv2_50')
+    assert d['model'] == 'resnetv2_50' and d['dropout_kernel'] == 'fused'
+    assert set(d['arms']) == {'dropfix_torch_kernel', 'mask_only'}
+    assert d['dropout_call_share']['calls_per_step'] == 34
+
+
 def test_memory_probe_rounds_report_the_median_and_every_run():
     runs = [{'peak_mem': 900, 'saved': 1}, {'peak_mem': 850, 'saved': 2}, {'peak_mem': 1000, 'saved': 3}]
     assert throughput.median_probe(runs) == {'peak_mem': 900, 'saved': 1, 'peak_mem_runs': [900, 850, 1000]}
