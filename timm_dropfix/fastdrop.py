@@ -411,9 +411,10 @@ def run_norm_act_dropout(module: nn.Module, norm: nn.Module, x: torch.Tensor) ->
         >>> run_norm_act_dropout(torch.nn.Dropout(0.5).eval(), BatchNormAct2d(4), torch.ones(2, 4, 3, 3)) is None
         True
     """
-    if not (type(norm) is BatchNormAct2d and type(getattr(norm, 'act', None)) is nn.ReLU
-            and isinstance(getattr(norm, 'drop', nn.Identity()), nn.Identity)
-            and not _has_hooks(norm) and not _has_hooks(norm.act) and _module_takes_fast_path(module, x)):
+    if not (_module_takes_fast_path(module, x) and type(norm) is BatchNormAct2d
+            and type(getattr(norm, 'act', None)) is nn.ReLU
+            and type(getattr(norm, 'drop', None)) in (nn.Identity, type(None))
+            and not _has_hooks(norm) and not _has_hooks(norm.act)):
         return None
     launch, t = _launcher(x), round(module.p * _LEVELS32)
     if launch is None or not 0 < t < _LEVELS32:
