@@ -70,6 +70,8 @@ def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: f
         True
     """
     n = x.numel()
+    if n == 0:  # an empty grid is not a launch triton accepts
+        return
     # the seed's 62 low bits as two non-negative int32s: always the same argument types, so no recompilation
     args = (x, x if add is None else add, out, n, seed & _MASK31, (seed >> 31) & _MASK31, t - (1 << 31), scale)
     grid = (triton.cdiv(n, BLOCK),)
