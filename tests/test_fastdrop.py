@@ -295,7 +295,7 @@ def test_triton_kernel_under_the_interpreter():
 
 
 def test_gpu_kernel_that_fails_its_probe_leaves_torchs_kernel(monkeypatch, caplog):
-    """A Triton kernel that cannot run (no compiler for this GPU, say) is found by one probe launch: a warning with
+    """A Triton kernel that cannot run (no compiler for this GPU, say) is found by its probe launches: a warning with
     the reason, and tensors of its device go to torch's dropout."""
     import types
     broken = types.ModuleType('timm_dropfix._triton')
