@@ -76,6 +76,12 @@ def kernels(device: str = 'cpu') -> dict[str, Callable[[torch.Tensor], torch.Ten
         'add': lambda x: x + shortcut_of(x),
         'fused_inplace_then_add': lambda x: timm_dropfix.fast_dropout(x, P, inplace=True) + shortcut_of(x),
         'fused_add_inplace': lambda x: timm_dropfix.fast_dropout_add(x, shortcut_of(x), P, inplace=True),
+        # before a pre-activation branch's last conv: the BN-ReLU's in-place ReLU alone (the model without dropout),
+        # then the dropout as a module would run it, and the two in one pass into the BN output (dropfix blocks)
+        'relu': lambda x: torch.relu_(x),
+        'relu_then_fused': lambda x: timm_dropfix.fast_dropout(torch.relu_(x), P),
+        'fused_relu_inplace': lambda x: fastdrop._FusedReluDropout.apply(x, fastdrop._draw_seed(), round(P * 2 ** 32),
+                                                                         fastdrop._launcher(x)),
     }
     if device != 'cpu':
         del fns['torch_ops']  # the CPU path without a C compiler
@@ -168,7 +174,10 @@ def to_markdown(res: dict[str, Any]) -> str:
               'once (an unfused dropout before it draws anything); plain_multiply: `x * 2`; add: `x + shortcut` (the '
               'residual addition that follows a branch-end dropout, also run without dropout); '
               'fused_inplace_then_add: the in-place dropout, then that addition; fused_add_inplace: '
-              '`timm_dropfix.fast_dropout_add` in place, the two in one pass, as dropfix blocks run them.', '']
+              '`timm_dropfix.fast_dropout_add` in place, the two in one pass, as dropfix blocks run them; relu: '
+              'the in-place ReLU of a BN-ReLU module (also run without dropout); relu_then_fused: that ReLU, then '
+              'the fused dropout; fused_relu_inplace: the two in one pass into the BN output, as pre-activation '
+              'dropfix blocks run them.', '']
     return '\n'.join(lines)
 
 
