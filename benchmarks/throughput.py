@@ -438,15 +438,15 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
 
 def dropout_call_share(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, Any]:
     """Share of each CPU step spent inside the fused dropout's own calls (forward and backward of
-    ``timm_dropfix.fastdrop._FusedDropout``, ``_FusedDropoutAdd`` and ``_FusedReluDropout``: output allocation,
-    seed, kernel), in process CPU time and in wall time. A direct estimate of the dropout's cost that other tenants
+    ``timm_dropfix.fastdrop._FusedDropout``, with or without the residual addition, and ``_FusedReluDropout``:
+    output allocation, seed, kernel), in process CPU time and in wall time. A direct estimate of the dropout's cost that other tenants
     of the machine disturb far less than the difference of two noisy step times; it leaves out indirect costs
     (caches the dropout evicts), and
     it includes the residual additions fused into post-activation branch-end dropouts and the ReLUs fused into
     pre-activation ones (which the model without dropout runs too), so it overstates the dropout's own share by
     their time."""
     from timm_dropfix import fastdrop
-    functions = (fastdrop._FusedDropout, fastdrop._FusedDropoutAdd, fastdrop._FusedReluDropout)
+    functions = (fastdrop._FusedDropout, fastdrop._FusedReluDropout)
     spent = {'cpu': 0.0, 'wall': 0.0, 'calls': 0}
     depth = [0]  # backward applies _FusedDropout again: count only the outermost call
     originals = [(fn, fn.forward, fn.backward) for fn in functions]

@@ -156,8 +156,8 @@ def fast_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tens
         return F.dropout(x, p, training=True, inplace=inplace)
     launch = _launcher(x)
     if launch is not None:
-        t = round(p * _LEVELS32)
-        if 0 < t < _LEVELS32:
+        t = _threshold(p)
+        if t is not None:
             return _FusedDropout.apply(x, _draw_seed(), t, inplace and _dense_layout(x), launch)
         return F.dropout(x, p, training=True, inplace=inplace)
     t = round(p * _LEVELS)
@@ -191,14 +191,21 @@ def fast_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace:
 def _dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace: bool) -> Optional[torch.Tensor]:
     """The fused pass for an ``x`` that passed :func:`_fast_path`, or None where ``shortcut`` or the rate do not
     suit it (the caller then runs its own two steps)."""
-    t = round(p * _LEVELS32)
-    if not (0 < t < _LEVELS32 and x.numel() and type(shortcut) is torch.Tensor and shortcut.shape == x.shape
+    t = _threshold(p)
+    if not (t is not None and x.numel() and type(shortcut) is torch.Tensor and shortcut.shape == x.shape
             and shortcut.dtype == x.dtype and shortcut.device == x.device and shortcut.stride() == x.stride()
             and _dense_layout(x) and not torch._C._functorch.is_functorch_wrapped_tensor(shortcut)
             and shortcut.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()):
         return None
     launch = _launcher(x)
-    return None if launch is None else _FusedDropoutAdd.apply(x, shortcut, _draw_seed(), t, inplace, launch)
+    return None if launch is None else _FusedDropout.apply(x, _draw_seed(), t, inplace, launch, shortcut)
+
+
+def _threshold(p: float) -> Optional[int]:
+    """The fused kernels' drop threshold for rate ``p`` (a word below it drops), or None where it rounds to 0 or to
+    every word (F.dropout's business)."""
+    t = round(p * _LEVELS32)
+    return t if 0 < t < _LEVELS32 else None
 
 
 def _draw_seed() -> int:
@@ -214,10 +221,12 @@ def _dense_layout(x: torch.Tensor) -> bool:
 class _FusedDropout(torch.autograd.Function):
     """The kernel's dropout for one seed: a diagonal linear map, so its backward is itself (which also makes it
     twice differentiable). Element ``i`` is the ``i``-th in memory, so the gradient is brought to the output's
-    strides before the mask is recomputed. ``inplace`` (for a dense ``x``) writes into ``x``."""
+    strides before the mask is recomputed. ``inplace`` (for a dense ``x``) writes into ``x``. ``shortcut`` (dense,
+    ``x``'s strides) is added in the same pass; its gradient is the output's, unchanged."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, seed: int, t: int, inplace: bool, launch: Callable) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, seed: int, t: int, inplace: bool, launch: Callable,
+                shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
         if inplace:
             ctx.mark_dirty(x)
             out = x
@@ -225,14 +234,15 @@ class _FusedDropout(torch.autograd.Function):
             if not _dense_layout(x):
                 x = x.contiguous()
             out = torch.empty_like(x)  # the same strides as a dense x
-        launch(out, x, seed, t, _LEVELS32 / (_LEVELS32 - t))
-        ctx.seed, ctx.t, ctx.stride, ctx.launch = seed, t, out.stride(), launch
+        launch(out, x, seed, t, _LEVELS32 / (_LEVELS32 - t), add=shortcut)
+        ctx.seed, ctx.t, ctx.stride, ctx.launch, ctx.added = seed, t, out.stride(), launch, shortcut is not None
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _FusedDropout.apply(_in_layout(grad, ctx.stride), ctx.seed, ctx.t, False, ctx.launch), \
-            None, None, None, None
+        # one gradient more than the inputs when no shortcut was given: autograd accepts a trailing None
+        dropped = _FusedDropout.apply(_in_layout(grad, ctx.stride), ctx.seed, ctx.t, False, ctx.launch)
+        return dropped, None, None, None, None, grad if ctx.added else None
 
 
 def _in_layout(grad: torch.Tensor, stride: tuple) -> torch.Tensor:
@@ -240,28 +250,6 @@ def _in_layout(grad: torch.Tensor, stride: tuple) -> torch.Tensor:
     if grad.stride() == stride:  # equal strides on the same shape: the output's dense layout
         return grad
     return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
-
-
-class _FusedDropoutAdd(torch.autograd.Function):
-    """``_FusedDropout`` of ``x`` plus ``shortcut`` in one pass (``x`` and ``shortcut`` dense with equal strides);
-    the gradient goes to ``shortcut`` unchanged and to ``x`` through the recomputed mask."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, shortcut: torch.Tensor, seed: int, t: int, inplace: bool,
-                launch: Callable) -> torch.Tensor:
-        if inplace:
-            ctx.mark_dirty(x)
-            out = x
-        else:
-            out = torch.empty_like(x)
-        launch(out, x, seed, t, _LEVELS32 / (_LEVELS32 - t), add=shortcut)
-        ctx.seed, ctx.t, ctx.stride, ctx.launch = seed, t, out.stride(), launch
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _FusedDropout.apply(_in_layout(grad, ctx.stride), ctx.seed, ctx.t, False, ctx.launch), grad, \
-            None, None, None, None
 
 
 class _FusedReluDropout(torch.autograd.Function):
@@ -416,8 +404,8 @@ def run_norm_act_dropout(module: nn.Module, norm: nn.Module, x: torch.Tensor) ->
             and type(getattr(norm, 'drop', None)) in (nn.Identity, type(None))
             and not _has_hooks(norm) and not _has_hooks(norm.act)):
         return None
-    launch, t = _launcher(x), round(module.p * _LEVELS32)
-    if launch is None or not 0 < t < _LEVELS32:
+    launch, t = _launcher(x), _threshold(module.p)
+    if launch is None or t is None:
         return None
     # BatchNormAct2d.forward runs this same batch norm (a copy of BatchNorm2d's), then its drop and act
     z = nn.BatchNorm2d.forward(norm, x)
