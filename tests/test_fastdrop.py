@@ -147,6 +147,13 @@ def test_kernel_build_is_cached_and_failures_fall_back(tmp_path, monkeypatch, ca
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     assert native._build_and_load() is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    stale = [built[0].with_name(f'dropout-{i:016x}.so') for i in range(5)]  # kernels of older sources
+    for i, p in enumerate(stale):
+        p.write_bytes(b'')
+        os.utime(p, ns=(mtime - (i + 1) * 10 ** 9,) * 2)
+    built[0].unlink()
+    assert native._build_and_load() is not None  # the rebuild keeps itself and the three newest others
+    assert sorted((tmp_path / 'cache' / 'kernels').glob('dropout-*.so')) == sorted([built[0], *stale[:3]])
     (tmp_path / 'file').write_text('')
     monkeypatch.setenv('TIMM_DROPFIX_CACHE_DIR', str(tmp_path / 'file'))  # mkdir under a file fails
     monkeypatch.setattr(native.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))

@@ -4,8 +4,8 @@ ctypes.
 The build takes about 1.5 s on the project's 2-core machine (plain C, no torch headers) and is cached in
 ``$TIMM_DROPFIX_CACHE_DIR`` (default ``~/.cache/timm_dropfix``, or ``$XDG_CACHE_HOME/timm_dropfix``) under
 ``kernels/``, named by a hash of the source, the flags, the compiler's version and the platform, so an edited
-source or another compiler rebuilds it. Where no compiler works, :func:`load` returns None once, logs why, and
-:mod:`timm_dropfix.fastdrop` uses its torch-ops path.
+source or another compiler rebuilds it; each build deletes all but the four newest there. Where no compiler works,
+:func:`load` returns None once, logs why, and :mod:`timm_dropfix.fastdrop` uses its torch-ops path.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ _SOURCE = Path(__file__).with_name('csrc') / 'dropout.c'
 _FLAG_SETS = (['-fopenmp'], ['-fopenmp', '-DTDF_NO_CLONES'], [], ['-DTDF_NO_CLONES'])
 # -ffp-contract=off: x * keep + s rounds twice, as dropout-then-add does (clang would otherwise fuse it)
 _BASE_FLAGS = ['-std=c99', '-O3', '-fPIC', '-shared', '-ffp-contract=off']
+_KEEP = 4  # built kernels kept per folder: one per package version or compiler a machine still switches between
 _lock = threading.Lock()
 _state: dict = {}  # 'lib': the loaded library or None once a build failed
 
@@ -116,12 +117,30 @@ def _build(cc: str, path: Path) -> str:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.replace(tmp, path)
+                _prune(path)
                 return ''
             errors.append(f'{" ".join(cmd)}\n{done.stderr.strip()}')
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return '\n'.join(errors)
+
+
+def _prune(path: Path) -> None:
+    """Delete all but the ``_KEEP`` newest kernels beside ``path`` (each edit of the source or flags adds one); a
+    process that still has a deleted one loaded keeps it, and another version that needs it rebuilds it."""
+    def age(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:  # pruned by a concurrent build
+            return 0.0
+
+    old = sorted((p for p in path.parent.glob('dropout-*.so') if p != path), key=age, reverse=True)[_KEEP - 1:]
+    for p in old:
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
