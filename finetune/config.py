@@ -74,7 +74,9 @@ class TrainConfig:
     epochs: int = 6
     batch_size: int = 16
     grad_accum: int = 1
-    mixed_precision: str = 'no'
+    # 'no' / 'bf16' / 'fp16'; None leaves it to `accelerate launch --mixed_precision` / the accelerate config (fp32
+    # unless set there). config.json records the precision the run used.
+    mixed_precision: str | None = None
     channels_last: bool = True           # on GPUs only (slower on CPU)
     # torch.compile through accelerate ('inductor', 'eager', ...); None leaves it to `accelerate launch
     # --dynamo_backend` / the accelerate config (off unless set there)
@@ -153,9 +155,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--rewrite', action='store_true', help='apply timm_dropfix.rewrite (dropout where the paper says)')
     g.add_argument('--fast-dropout', dest='fast_dropout', action=argparse.BooleanOptionalAction,
                    default=d.fast_dropout,
-                   help="eager CPU training: timm_dropfix's fast dropout (same distribution, cheaper than torch's "
-                        "CPU kernel); --no-fast-dropout: torch's kernel; neither: on unless "
-                        "TIMM_DROPFIX_FAST_DROPOUT=0. No effect on GPUs")
+                   help="eager training: timm_dropfix's fused dropout kernels (C on CPUs, Triton on CUDA GPUs; same "
+                        "distribution; on CPUs a fraction of the time and memory of torch's kernel); --no-fast-dropout: "
+                        "torch's kernel; neither: on unless TIMM_DROPFIX_FAST_DROPOUT=0. No effect under "
+                        "--dynamo-backend (the compiled graph has its own dropout)")
     g.add_argument('--branch-drop-rate', type=float, default=d.branch_drop_rate)
     g.add_argument('--head-drop-rate', type=float, default=d.head_drop_rate)
     g.add_argument('--branch-position', choices=BRANCH_POSITIONS, default=d.branch_position)
@@ -175,7 +178,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--epochs', type=int, default=d.epochs)
     g.add_argument('--batch-size', type=int, default=d.batch_size, help='per process')
     g.add_argument('--grad-accum', type=int, default=d.grad_accum)
-    g.add_argument('--mixed-precision', choices=('no', 'bf16', 'fp16'), default=d.mixed_precision)
+    g.add_argument('--mixed-precision', choices=('no', 'bf16', 'fp16'), default=d.mixed_precision,
+                   help="default: accelerate launch's --mixed_precision or config, else no (fp32)")
     g.add_argument('--no-channels-last', dest='channels_last', action='store_false')
     g.add_argument('--dynamo-backend', default=None, metavar='NAME',
                    help="torch.compile the model through accelerate, e.g. inductor (default: accelerate launch's "

@@ -98,6 +98,20 @@ def _weights_overlay(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return overlay, folder_cfg
 
 
+def _describe_source(model: nn.Module, source: dict | None) -> None:
+    """Make the provenance in ``model.pretrained_cfg`` (copied into the exported config.json) that of the weights
+    it starts from: timm fills it from the architecture's default tag (e.g. resnet50.a1_in1k's tag, origin and
+    paper), which is wrong for weights from a file and for a random init; ``source`` is the starting weights'
+    pretrained_cfg (None: random init). The tag goes in every case: the fine-tuned weights are not that tag's."""
+    pcfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'tag'}
+    for key in ('origin_url', 'paper_ids', 'license'):
+        if source is not None and source.get(key) is not None:
+            pcfg[key] = source[key]
+        else:
+            pcfg.pop(key, None)
+    model.pretrained_cfg = model.default_cfg = pcfg  # timm keeps default_cfg as an alias
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> BuiltModel:
     """Create the model with a ``num_classes`` head, load weights, apply v1 strides and the dropfix rewrite.
 
@@ -138,6 +152,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> BuiltModel:
     except Exception as e:  # torch/safetensors/timm raise many types for bad weights; all mean the same here
         src = cfg.pretrained_file or ("timm's pretrained weights" if cfg.pretrained else 'random init')
         raise FinetuneError(f'could not build {arch!r} from {src}: {type(e).__name__}: {str(e)[:500]}') from None
+    _describe_source(model, folder_cfg.get('pretrained_cfg', {}) if cfg.pretrained_file else
+                     None if not cfg.pretrained else model.pretrained_cfg)
 
     dropfix = None
     if cfg.rewrite:

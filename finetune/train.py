@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -184,6 +185,11 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
         # the shuffle order depends only on (seed, epoch): a resumed run sees the same batches
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
     main = accelerator.is_main_process
+    # what `accelerate launch` or the accelerate config chose where the options left it open, so that config.json,
+    # the checkpoints' resume check and the model card record what ran
+    backend = accelerator.state.dynamo_plugin.backend
+    cfg = dataclasses.replace(cfg, mixed_precision=accelerator.mixed_precision,
+                              dynamo_backend=None if backend == DynamoBackend.NO else backend.value.lower())
     set_seed(cfg.seed)
 
     # ---- 1. validate everything before writing anything --------------------------------------------------

@@ -71,6 +71,8 @@ def test_outputs_and_load_back(rewritten_run, tiny_pets):
     assert hf['label_names'] == ['Abyssinian', 'Beagle', 'Bengal', 'Pug']
     pcfg = hf['pretrained_cfg']
     assert pcfg['input_size'] == [3, 32, 32] and 'test_input_size' not in pcfg
+    # a random init: no tag, origin, paper or licence of timm's default resnet18 weights
+    assert not {'tag', 'origin_url', 'paper_ids', 'license'} & pcfg.keys(), pcfg
     card = (model_dir / 'README.md').read_text()
     assert 'library_name: timm' in card and 'model-index' in card and f"{saved['top1']:.4f}" in card
 
@@ -100,11 +102,23 @@ def test_resume_continues_exactly(rewritten_run, tiny_pets, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_compiled_model_exports_plain_weights(tiny_pets, tmp_path):
-    """--dynamo-backend compiles through accelerate; the exported folder still holds the plain model's keys."""
-    cfg = tiny_cfg(tiny_pets, tmp_path / 'compiled', epochs=1, dynamo_backend='eager', log_with='none')
-    metrics = train(cfg)
+def test_compiled_model_exports_plain_weights(tiny_pets, tmp_path, monkeypatch):
+    """A dynamo backend and a mixed precision chosen by `accelerate launch` (which passes them on as these
+    variables) are used, not overridden, and config.json records them; the exported folder still holds the plain
+    model's keys."""
+    from accelerate.state import AcceleratorState
+    monkeypatch.setenv('ACCELERATE_DYNAMO_BACKEND', 'EAGER')
+    monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')
+    # accelerate reads them when its process-wide state is first made, as in a process `accelerate launch` starts;
+    # earlier tests made it already, and later ones must not inherit bf16
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        metrics = train(tiny_cfg(tiny_pets, tmp_path / 'compiled', epochs=1, log_with='none'))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert metrics['dropout_kernel'] == 'compiled' and metrics['fast_dropout'] is False
+    recorded = json.loads((tmp_path / 'compiled' / 'config.json').read_text())
+    assert (recorded['dynamo_backend'], recorded['mixed_precision']) == ('eager', 'bf16')
     keys = load_file(str(tmp_path / 'compiled' / 'model' / 'model.safetensors')).keys()
     assert keys and not any(k.startswith('_orig_mod.') for k in keys)
     logits, targets, _ = timm_eval(tmp_path / 'compiled' / 'model', load_samples('pets', tiny_pets).eval)
@@ -269,7 +283,7 @@ def test_imagefolder_samples(tiny_pets, tmp_path):
     assert {y for _, y in split.train} == {0, 1}
 
 
-def test_pretrained_file_as_safetensors_and_folder(rewritten_run):
+def test_pretrained_file_as_safetensors_and_folder(rewritten_run, tmp_path):
     from finetune.modeling import build_model
     model_dir = Path(rewritten_run[0].output_dir) / 'model'
     saved = load_file(str(model_dir / 'model.safetensors'))
@@ -281,6 +295,16 @@ def test_pretrained_file_as_safetensors_and_folder(rewritten_run):
     m = build_model(TrainConfig(model='resnet18', pretrained_file=str(model_dir)), 4).model
     assert torch.equal(m.state_dict()['fc.weight'], saved['fc.weight'])
     assert m.pretrained_cfg['input_size'] == [3, 32, 32]
+    # provenance is the folder's: Keras weights must not be described as timm's resnet50.a1_in1k
+    hf = json.loads((model_dir / 'config.json').read_text())
+    hf['pretrained_cfg'].update(origin_url='https://example.org/weights', paper_ids='arXiv:1512.03385', license='mit')
+    (folder := tmp_path / 'described').mkdir()
+    (folder / 'config.json').write_text(json.dumps(hf))
+    shutil.copy(model_dir / 'model.safetensors', folder)
+    m = build_model(TrainConfig(model='resnet18', pretrained_file=str(folder)), 4).model
+    assert 'tag' not in m.pretrained_cfg and m.default_cfg is m.pretrained_cfg
+    assert (m.pretrained_cfg['origin_url'], m.pretrained_cfg['paper_ids'], m.pretrained_cfg['license']) == (
+        'https://example.org/weights', 'arXiv:1512.03385', 'mit')
 
 
 def test_freeze_bn_stats_keeps_running_statistics():
