@@ -164,7 +164,14 @@ def run_bench(base: TrainConfig, variants: Sequence[str], seeds: Sequence[int], 
     if not seeds:
         raise FinetuneError('--seeds needs at least one seed')
     from accelerate import PartialState
-    from .train import train
+    from .modeling import build_model
+    from .train import check_options, train
+    # every variant's options and rewrite are checked before the first run, not when its turn comes hours later
+    for name in variants:
+        overrides = VARIANTS[name][0]
+        check_options(base.replace(**overrides))
+        if overrides['rewrite']:  # architecture only: no weights are read
+            build_model(base.replace(**overrides, pretrained=False, pretrained_file=None), num_classes=2)
     out = Path(base.output_dir)
     state = PartialState()
     runs: dict[str, dict[int, dict]] = {}

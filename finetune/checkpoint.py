@@ -34,7 +34,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def save_checkpoint(accelerator, run_dir: str | Path, epoch: int, trainer_state: dict[str, Any],
                     keep: int = 1) -> Path:
-    """Save model, optimizer, registered objects (scheduler) and every process's RNG state after ``epoch``.
+    """Save model, optimizer and every process's RNG state (accelerate's save_state) after ``epoch``.
 
     Must be called on all processes. ``trainer_state`` (epoch, step, history, model signature) is stored beside
     accelerate's files. Older checkpoints beyond ``keep`` are removed after the pointer has moved.

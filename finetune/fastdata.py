@@ -70,6 +70,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import FinetuneError
+
 __all__ = [
     'CacheInfo', 'build_cache', 'default_short_side', 'CachedDataset', 'BatchAugment',
     'make_fast_loader', 'collate_padded', 'CollateThenTransform', 'load_and_resize', 'DeviceCache',
@@ -287,8 +289,8 @@ def build_cache(
             else:
                 _append(f, map(_load_or_none, jobs), kept, offsets, shapes, n, progress)
         if not kept:
-            raise RuntimeError(f'build_cache: none of the {n} images could be decoded (first: {samples[0][0]!r}); '
-                               'check the paths and that they are image files')
+            raise FinetuneError(f'none of the {n} images could be decoded (first: {samples[0][0]!r}): check that '
+                                '--data-dir points at the dataset and that its files are images')
         kept_set = set(kept)
         meta = {
             'key': key, 'version': _CACHE_VERSION, 'short_side': short_side, 'interpolation': interpolation,

@@ -101,7 +101,9 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
 
     retry = 'python -m finetune push ' + ' '.join(shlex.quote(a) for a in (
         [str(folder), '--repo-id', repo_id] + (['--private'] if private else [])
-        + (['--bench-results', str(bench_results)] if bench_results else [])))
+        + (['--bench-results', str(bench_results)] if bench_results else [])
+        + (['--revision', revision] if revision else [])
+        + (['--commit-message', commit_message] if commit_message else [])))
     token = _known_token()
     with tempfile.TemporaryDirectory(prefix='finetune-push-') as tmp:
         staged = Path(tmp) / 'upload'

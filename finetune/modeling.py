@@ -161,8 +161,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> BuiltModel:
             timm_dropfix.rewrite(model, branch_drop_rate=cfg.branch_drop_rate, head_drop_rate=cfg.head_drop_rate,
                                  branch_position=cfg.branch_position, head_position=cfg.head_position)
         except timm_dropfix.UnsupportedModelError as e:
-            raise FinetuneError(f'--rewrite does not support {cfg.model!r}: {e}. Supported: timm ResNet / ResNetV2 '
-                                f'families and torchvision ResNets; or train without --rewrite.') from None
+            raise FinetuneError(f'--rewrite does not support {cfg.model!r}: {e}. Supported: the timm ResNet and '
+                                f'ResNetV2 families; or train without --rewrite.') from None
         except ValueError as e:
             raise FinetuneError(f'--rewrite: {e}') from None
         dropfix = timm_dropfix.dropfix_config(model)

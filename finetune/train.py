@@ -36,6 +36,7 @@ from timm.data import resolve_data_config
 from tqdm.auto import tqdm
 
 import timm_dropfix
+from timm_dropfix.positions import check_rate
 
 from . import data as data_lib
 from .card import EVAL_METRICS, TRAINING_CONFIG, render_card
@@ -79,7 +80,8 @@ def check_output_dir(out: Path, resume: bool) -> None:
         raise FinetuneError(f'--output-dir {out}: {probe} is not writable; choose a folder you can write to')
     if not resume and out.is_dir() and any(out.iterdir()):
         raise FinetuneError(f'--output-dir {out} already holds files (an earlier run?). Use --resume to continue '
-                            f'it, or choose a new --output-dir.')
+                            f'it (or start it again, if it stopped before its first checkpoint), or choose a new '
+                            f'--output-dir.')
 
 
 def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict, out: Path,
@@ -166,18 +168,68 @@ def train(cfg: TrainConfig, stop_after_epoch: int | None = None) -> dict[str, An
         return _train(cfg, stop_after_epoch)
 
 
+def check_options(cfg: TrainConfig) -> None:
+    """Raise a FinetuneError naming the option and a valid value for any option that cannot work, before anything
+    is written (a bad value found at the first forward pass would leave a half-started run folder behind).
+
+    Example:
+        >>> check_options(TrainConfig(drop_rate=1.0))
+        Traceback (most recent call last):
+        ...
+        finetune.errors.FinetuneError: --drop-rate must be in [0, 1) (the probability of zeroing an element), got 1.0. ...
+    """
+    # checked with or without --rewrite: a rate that is ignored now would be recorded in config.json all the same
+    for flag, rate in (('--drop-rate', cfg.drop_rate), ('--branch-drop-rate', cfg.branch_drop_rate),
+                       ('--head-drop-rate', cfg.head_drop_rate)):
+        try:
+            check_rate(flag, rate)
+        except ValueError as e:
+            raise FinetuneError(str(e)) from None
+    for flag, value in (('--epochs', cfg.epochs), ('--batch-size', cfg.batch_size), ('--grad-accum', cfg.grad_accum),
+                        ('--checkpoint-every', cfg.checkpoint_every), ('--keep-checkpoints', cfg.keep_checkpoints)):
+        if value < 1:
+            raise FinetuneError(f'{flag} {value}: must be 1 or more')
+    if cfg.img_size is not None and cfg.img_size < 8:
+        raise FinetuneError(f'--img-size {cfg.img_size}: give the input size in pixels (8 or more), or leave it out '
+                            "for the model's default")
+    if cfg.cache_on_device and not cfg.fast_data:
+        raise FinetuneError('--cache-on-device keeps the fast-data cache on the device: drop --no-fast-data')
+    if cfg.dynamo_backend is not None and cfg.dynamo_backend.upper() not in DynamoBackend.__members__:
+        raise FinetuneError(f'--dynamo-backend {cfg.dynamo_backend!r} is not a torch dynamo backend accelerate knows; '
+                            f"choose one of {', '.join(b.lower() for b in DynamoBackend.__members__)}")
+    if cfg.color_jitter < 0:
+        raise FinetuneError(f'--color-jitter {cfg.color_jitter}: the jitter strength must be >= 0 (0 turns it off)')
+
+
+# options whose values --resume takes from the checkpoint's optimizer state, not from the command line
+_RESTORED_OPTIONS = ('optimizer', 'lr', 'backbone_lr_mult', 'weight_decay', 'momentum')
+
+
+def _checkpoint_to_resume(cfg: TrainConfig, out: Path, main: bool) -> Path | None:
+    """The checkpoint ``--resume`` names, or None where ``--resume`` (auto) finds a run folder that stopped before
+    its first checkpoint: that run starts again, rather than leaving a folder that neither a fresh start (it holds
+    files) nor a resume (no checkpoint) accepts."""
+    if not cfg.resume:
+        return None
+    try:
+        return find_checkpoint(cfg.resume, out)
+    except FinetuneError:
+        if cfg.resume != 'auto' or not (out / 'config.json').is_file():
+            raise
+    if main:
+        _logger.warning('--resume: %s has no checkpoint yet (the run stopped in its first epochs); starting it again '
+                        'from the beginning', out)
+    return None
+
+
 def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
     t_start = time.time()
     out = Path(cfg.output_dir)
     log_with = None if cfg.log_with == 'none' else cfg.log_with
-    if cfg.cache_on_device and not cfg.fast_data:
-        raise FinetuneError('--cache-on-device keeps the fast-data cache on the device: drop --no-fast-data')
-    if cfg.checkpoint_every < 1:
-        raise FinetuneError(f'--checkpoint-every {cfg.checkpoint_every}: give the number of epochs between '
-                            'checkpoints, 1 or more (the last epoch is always saved)')
-    if cfg.dynamo_backend is not None and cfg.dynamo_backend.upper() not in DynamoBackend.__members__:
-        raise FinetuneError(f'--dynamo-backend {cfg.dynamo_backend!r} is not a torch dynamo backend accelerate knows; '
-                            f"choose one of {', '.join(b.lower() for b in DynamoBackend.__members__)}")
+    check_options(cfg)
+    if cfg.rewrite and cfg.drop_rate:
+        _logger.warning('--drop-rate %s is ignored with --rewrite: --head-drop-rate sets the head dropout',
+                        cfg.drop_rate)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, log_with=log_with,
         dynamo_backend=cfg.dynamo_backend,
@@ -207,22 +259,25 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
     model = built.model
     data_config = resolve_data_config({'input_size': (3, cfg.img_size, cfg.img_size)} if cfg.img_size else {},
                                       model=model)
-    if cfg.color_jitter < 0:
-        raise FinetuneError(f'--color-jitter {cfg.color_jitter}: the jitter strength must be >= 0 (0 turns it off)')
     input_px = data_config['input_size'][-1]
     if cfg.fast_data and cfg.cache_short_side is not None and cfg.cache_short_side < input_px:
         raise FinetuneError(f'--cache-short-side {cfg.cache_short_side} is smaller than the {input_px} px input; '
                             'give at least the input size, or leave it out for the default')
     signature = dict(model=cfg.model, architecture=built.export_arch, model_args=built.export_args,
                      num_classes=len(split.classes), dropfix=built.dropfix)
-    ckpt = None
-    if cfg.resume:
-        ckpt = find_checkpoint(cfg.resume, out)
+    ckpt = _checkpoint_to_resume(cfg, out, main)
+    if ckpt is not None:
         saved = read_trainer_state(ckpt)
         check_same_model(saved['signature'], json.loads(json.dumps(signature)), ckpt)
         old_cfg = saved.get('config', {})
         changed = sorted(k for k, v in cfg.to_dict().items()
                          if k not in ('resume', 'output_dir', 'workers', 'log_with') and old_cfg.get(k, v) != v)
+        restored = [k for k in changed if k in _RESTORED_OPTIONS]
+        if restored:
+            details = ', '.join(f'--{k.replace("_", "-")} {old_cfg[k]!r} -> {getattr(cfg, k)!r}' for k in restored)
+            raise FinetuneError(f'--resume restores the optimizer and its learning rates as the checkpoint saved '
+                                f'them, so {details} cannot take effect. Resume with the saved values, or start a '
+                                f'new run in another --output-dir.')
         if changed and main:
             _logger.warning('resuming with changed options %s: the run will not match an uninterrupted one', changed)
 
@@ -257,15 +312,22 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     # schedule in optimizer steps; stepped by hand only when accelerate really steps (after accumulation)
+    # its state goes into trainer_state.json, not accelerate's register_for_checkpointing: accelerate pickles
+    # registered objects and unpickles them with weights_only=False, so a resumed checkpoint could run code
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.optimizer, warmup_cosine(total_steps, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr_ratio))
-    accelerator.register_for_checkpointing(scheduler)
 
     start_epoch, global_step, history = 0, 0, []
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))  # model, optimizer, scheduler and every process's RNG state
+        accelerator.load_state(str(ckpt))  # model, optimizer and every process's RNG state
         saved = read_trainer_state(ckpt)
         start_epoch, global_step, history = saved['epoch'] + 1, saved['global_step'], saved['history']
+        if 'scheduler' in saved:
+            scheduler.load_state_dict(saved['scheduler'])
+        else:  # an earlier version's checkpoint (its pickled scheduler is not loaded): one step per optimizer step
+            scheduler.load_state_dict({**scheduler.state_dict(), 'last_epoch': global_step,
+                                       '_step_count': global_step + 1,
+                                       '_last_lr': [g['lr'] for g in optimizer.optimizer.param_groups]})
         accelerator.print(f'resumed from {ckpt} (epoch {start_epoch}/{cfg.epochs})')
     if log_with:
         accelerator.init_trackers('tensorboard', config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -322,7 +384,8 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
             write_history(out, history)
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
             save_checkpoint(accelerator, out, epoch, dict(epoch=epoch, global_step=global_step, history=history,
-                                                          signature=signature, config=cfg.to_dict()),
+                                                          signature=signature, config=cfg.to_dict(),
+                                                          scheduler=scheduler.state_dict()),
                             keep=cfg.keep_checkpoints)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
             accelerator.end_training()

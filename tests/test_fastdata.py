@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune.errors import FinetuneError
 from finetune.fastdata import (BatchAugment, CachedDataset, DeviceCache, IndexDataset, build_cache, collate_padded,
                                default_short_side,
                                load_and_resize, make_fast_loader)
@@ -107,7 +108,7 @@ def test_corrupt_files_are_counted_not_fatal(tmp_path):
 def test_all_corrupt_raises_clear_error(tmp_path):
     bad = tmp_path / 'bad.jpg'
     bad.write_text('nope')
-    with pytest.raises(RuntimeError, match='none of the 1 images'):
+    with pytest.raises(FinetuneError, match='none of the 1 images.*--data-dir'):  # the CLI's clean error
         build_cache([(str(bad), 0)], 16, tmp_path / 'cache', num_workers=0)
     assert _leftovers(tmp_path / 'cache') == []
 

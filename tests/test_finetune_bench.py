@@ -68,3 +68,10 @@ def test_bench_rejects_unknown_variant(tmp_path):
         run_bench(TrainConfig(output_dir=str(tmp_path)), ['timm_default', 'nope'], [0])
     with pytest.raises(FinetuneError, match='--baseline'):
         run_bench(TrainConfig(output_dir=str(tmp_path)), ['none'], [0])
+    # a variant that cannot run is refused before the first run starts, not after the others have trained
+    with pytest.raises(FinetuneError, match="--rewrite does not support 'vit_tiny_patch16_224'"):
+        run_bench(TrainConfig(model='vit_tiny_patch16_224', output_dir=str(tmp_path / 'vit')),
+                  ['timm_default', 'recommended'], [0])
+    with pytest.raises(FinetuneError, match='--batch-size 0'):
+        run_bench(TrainConfig(batch_size=0, output_dir=str(tmp_path / 'b0')), ['timm_default'], [0])
+    assert not (tmp_path / 'vit').exists() and not (tmp_path / 'b0').exists()

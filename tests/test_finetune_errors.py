@@ -1,6 +1,7 @@
 """finetune train on bad input (issue section 4): a clear message, exit code 2, and nothing half written."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,17 @@ def test_unknown_model(tiny_pets, tmp_path, capsys):
     (('--fast-data', '--cache-short-side', '24'), ('--cache-short-side 24', 'at least the input size')),
     (('--color-jitter', '-0.2'), ('--color-jitter -0.2', '>= 0')),
     (('--dynamo-backend', 'inductr'), ("--dynamo-backend 'inductr'", 'inductor')),
-], ids=['cache_smaller_than_input', 'negative_color_jitter', 'unknown_dynamo_backend'])
+    (('--drop-rate', '1.0'), ('--drop-rate', '[0, 1)', 'got 1.0')),
+    (('--drop-rate', '-0.1'), ('--drop-rate', '[0, 1)')),
+    (('--branch-drop-rate', 'nan'), ('--branch-drop-rate', '[0, 1)')),  # checked without --rewrite too
+    (('--rewrite', '--head-drop-rate', '1.5'), ('--head-drop-rate', '[0, 1)')),
+    (('--grad-accum', '0'), ('--grad-accum 0', '1 or more')),
+    (('--batch-size', '0'), ('--batch-size 0', '1 or more')),
+    (('--epochs', '0'), ('--epochs 0', '1 or more')),
+    (('--img-size', '0'), ('--img-size 0', 'pixels')),
+], ids=['cache_smaller_than_input', 'negative_color_jitter', 'unknown_dynamo_backend', 'drop_rate_one',
+        'drop_rate_negative', 'branch_rate_nan', 'head_rate_above_one', 'grad_accum_zero', 'batch_size_zero',
+        'epochs_zero', 'img_size_zero'])
 def test_bad_option(tiny_pets, tmp_path, capsys, extra, says):
     code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', *extra))
     assert code == 2 and all(s in err for s in says)
@@ -87,8 +98,28 @@ def test_existing_run_needs_resume_and_other_model_is_refused(tiny_pets, tmp_pat
     code, err = run_cli(capsys, *args)
     assert code == 2 and 'another model' in err and 'resnet18' in err and 'resnet34' in err
     assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before  # nothing touched
+    # the optimizer state the checkpoint restores would override a new learning rate or optimizer silently
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, out, '--resume', '--lr', '0.5', '--optimizer', 'sgd'))
+    assert code == 2 and "--lr 0.001 -> 0.5" in err and "--optimizer 'adamw' -> 'sgd'" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before
     code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'fresh', '--resume'))
     assert code == 2 and 'no complete checkpoint' in err
+
+
+def test_run_stopped_before_its_first_checkpoint_starts_again_with_resume(tiny_pets, tmp_path, capsys, caplog):
+    """A run killed in its first epoch leaves config.json (and the cache) but no checkpoint: a fresh start refuses
+    the folder, so --resume must accept it and train from the beginning."""
+    out = tmp_path / 'run'
+    assert main(['train', *tiny_args(tiny_pets, out)]) == 0
+    shutil.rmtree(out / 'checkpoints')
+    for name in ('metrics.json', 'model'):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    capsys.readouterr()
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, out))
+    assert code == 2 and 'before its first checkpoint' in err
+    assert run_cli(capsys, *tiny_args(tiny_pets, out, '--resume'))[0] == 0
+    assert 'has no checkpoint yet' in caplog.text and 'starting it again from the beginning' in caplog.text
+    assert (out / 'metrics.json').is_file() and (out / 'model' / 'model.safetensors').is_file()
 
 
 def test_imagefolder_missing_split(tmp_path, capsys):

@@ -106,9 +106,11 @@ def test_failed_upload_keeps_everything_local(model_dir, monkeypatch):
             raise ConnectionError(f'connection reset while sending with Authorization: Bearer {TOKEN}')
 
     with pytest.raises(FinetuneError) as err:
-        push(model_dir, 'someone/resnet18-pets', api_factory=FailingApi)
+        push(model_dir, 'someone/resnet18-pets', api_factory=FailingApi, revision='dev', commit_message='v2 weights')
     msg = str(err.value)
     assert 'failed' in msg and 'retry' in msg and f'python -m finetune push {model_dir}' in msg
+    # the retry command commits where the failed one would have: same branch and message
+    assert msg.endswith("--revision dev --commit-message 'v2 weights'"), msg
     assert TOKEN not in msg and '<token>' in msg
     assert digest(model_dir) == before
 

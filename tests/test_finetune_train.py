@@ -86,13 +86,24 @@ def test_outputs_and_load_back(rewritten_run, tiny_pets):
                                                       branch_position='recommended', head_position='before_pool')
 
 
-def test_resume_continues_exactly(rewritten_run, tiny_pets, tmp_path):
+@pytest.mark.parametrize('older_checkpoint', [False, True], ids=['schedule_in_trainer_state', 'older_checkpoint'])
+def test_resume_continues_exactly(rewritten_run, tiny_pets, tmp_path, older_checkpoint):
+    """Weights, optimizer, learning-rate schedule and RNG come back exactly; no pickle is written (accelerate
+    unpickles registered objects with weights_only=False). Checkpoints of earlier versions lack the schedule's
+    state: it is rebuilt from the step count."""
     cfg_full, full = rewritten_run
     out = tmp_path / 'interrupted'
     cfg = tiny_cfg(tiny_pets, out, rewrite=True)
     with pytest.raises(_StopForTest):
         train(cfg, stop_after_epoch=1)
     assert not (out / 'metrics.json').exists() and not (out / 'model').exists()
+    ckpt = out / 'checkpoints' / 'epoch_0000'
+    assert {p.name for p in ckpt.glob('*.pkl')} == {'random_states_0.pkl'}  # read with weights_only=True
+    state = json.loads((ckpt / 'trainer_state.json').read_text())
+    assert state['scheduler']['last_epoch'] == state['global_step'] > 0
+    if older_checkpoint:
+        del state['scheduler']
+        (ckpt / 'trainer_state.json').write_text(json.dumps(state))
     resumed = train(cfg.replace(resume='auto'))
     assert [h['train_loss'] for h in resumed['history']] == [h['train_loss'] for h in full['history']]
     for k in FINAL_KEYS:

@@ -111,6 +111,11 @@ def test_defaults_and_kwargs():
     assert (plain.branch_drop_rate, plain.head_drop_rate) == (0.0, 0.0)
     with pytest.raises(ValueError, match=r'\[0, 1\)'):
         timm.create_model('preresnet18_dropfix', branch_drop_rate=1.0)
+    for name in ('preresnet18_dropfix', 'resnet18_dropfix'):  # the head rate too, when the model is built
+        with pytest.raises(ValueError, match=r'drop_rate must be in \[0, 1\)'):
+            timm.create_model(name, drop_rate=-0.1)
+        with pytest.raises(ValueError, match='drop_rate must be a number'):
+            timm.create_model(name, drop_rate='high')
 
 
 def test_cifar_shapes_and_depth():

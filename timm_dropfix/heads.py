@@ -16,6 +16,7 @@ from timm.models.resnet import ResNet
 from torchvision.models.resnet import ResNet as TvResNet
 
 from .fastdrop import run_dropout
+from .positions import check_rate
 
 __all__ = ['PrePoolDropoutHead', 'DropfixResNet', 'DropfixTvResNet', 'make_head_drop', 'HeadDropMixin',
            'set_v1_strides']
@@ -115,6 +116,8 @@ class DropfixResNet(HeadDropMixin, ResNet):
         ``v1_strides=True`` puts each downsampling bottleneck's stride on its first 1x1 conv (ResNet v1, as in
         Keras/Caffe weights) instead of the 3x3 conv (v1.5, timm's default); the weights are the same shapes.
         """
+        # checked before timm builds the model: torch's own check would only come at the first forward
+        drop_rate = check_rate('drop_rate', drop_rate)
         super().__init__(*args, drop_rate=drop_rate, **kwargs)
         self.v1_strides = v1_strides
         if v1_strides:

@@ -21,6 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnetv2 import ResNetV2
 
 from ..rewrite import rewrite
+from ..positions import check_rate
 from ._cfgs import reuse_cfg
 
 __all__ = ['DropfixResNetV2', 'CifarPreResNet']
@@ -45,6 +46,8 @@ class DropfixResNetV2(ResNetV2):
             drop_rate: float = 0.2,
             **kwargs: Any,
     ):
+        # checked before timm builds the model: torch's own check would only come at the first forward
+        drop_rate = check_rate('drop_rate', drop_rate)
         super().__init__(*args, drop_rate=drop_rate, **kwargs)
         self._init_stem()
         rewrite(self, branch_drop_rate, drop_rate, branch_position, head_position)
