@@ -44,6 +44,49 @@ def test_bad_arguments_change_nothing(kwargs, match):
     assert type(model).__name__ == 'ResNet' and type(model.layer1[0]).__name__ == 'BasicBlock'
 
 
+def test_unknown_blocks_of_a_known_family_are_named():
+    with pytest.raises(timm_dropfix.UnsupportedModelError, match=r'ResNet \(its blocks: SelectiveKernelBasic\)'):
+        timm_dropfix.rewrite(timm.create_model('skresnet18'))
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnetv2_50'])
+def test_dropout_before_a_max_pool_is_refused(name):
+    """Element-wise dropout feeds global *average* pooling; a max over dropped features is biased."""
+    model = timm.create_model(name, layers=ONE, global_pool='avgmax')
+    with pytest.raises(ValueError, match="pools with 'avgmax'.*head_position='after_pool'"):
+        timm_dropfix.rewrite(model)
+    assert timm_dropfix.dropfix_config(model) is None and not any(
+        type(m).__name__.startswith('Dropfix') for m in model.modules())
+    timm_dropfix.rewrite(model, head_position='after_pool')  # after the pool, or no head dropout, is fine
+    timm_dropfix.rewrite(model, head_drop_rate=0.0)
+    rewritten = timm_dropfix.rewrite(timm.create_model(name, layers=ONE))
+    with pytest.raises(ValueError, match="pools with 'max'"):
+        rewritten.reset_classifier(3, 'max')  # nor can a reset bring a max pool in later
+    rewritten.reset_classifier(3)
+    assert rewritten(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_a_backbone_inside_a_wrapper_gets_its_head_rewritten():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = timm.create_model('resnet18', layers=ONE, drop_rate=0.3)
+
+        def forward(self, x):
+            return self.backbone(x)
+
+    wrapper = timm_dropfix.rewrite(Wrapper(), head_drop_rate=0.2)
+    assert (wrapper.backbone.head_drop_at, wrapper.backbone.drop_rate) == ('before_pool', 0.2)
+    s = timm_dropfix.summarize(wrapper)
+    assert (s.head_drop_rate, s.head_position, s.blocks) == (0.2, 'before_pool', 4)
+
+
+def test_torchscript_says_what_to_use_instead():
+    model = timm_dropfix.rewrite(timm.create_model('resnet18', layers=ONE, scriptable=True))
+    with pytest.raises(RuntimeError, match='torch.jit.script does not support timm_dropfix blocks.*torch.compile'):
+        torch.jit.script(model)
+
+
 def test_after_conv3_on_basic_blocks_is_refused_before_any_change():
     model = timm.create_model('resnet18')
     with pytest.raises(ValueError, match='needs bottleneck blocks'):

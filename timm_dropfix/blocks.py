@@ -30,6 +30,14 @@ class DropfixBlockMixin:
     branch_drop: nn.Module
     branch_drop_at: str = 'none'
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule first: without it, scripting fails deep in TorchScript's
+        # type parser on a message that never names this package
+        raise RuntimeError(
+            f'torch.jit.script does not support timm_dropfix blocks ({type(self).__name__}): their forward chooses '
+            'the fused dropout kernel in Python. Use torch.compile, torch.export, or torch.jit.trace (which records '
+            'one mode: trace in eval mode for inference).')
+
     def _d(self, x: torch.Tensor, here: str, producer: Optional[nn.Module] = None) -> torch.Tensor:
         # branch_drop_at is a plain str, so fx and dynamo specialise on it instead of tracing a branch;
         # producer: x is this module's fresh output and only the dropout reads it (see run_dropout)

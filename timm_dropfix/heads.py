@@ -7,7 +7,7 @@ so it is only offered for ablations.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from .fastdrop import run_dropout
 from .positions import check_rate
 
 __all__ = ['PrePoolDropoutHead', 'DropfixResNet', 'DropfixTvResNet', 'make_head_drop', 'HeadDropMixin',
-           'set_v1_strides']
+           'set_v1_strides', 'check_pool_for_dropout']
 
 
 def make_head_drop(rate: float, position: str) -> nn.Module:
@@ -34,6 +34,28 @@ def make_head_drop(rate: float, position: str) -> nn.Module:
     if position == 'before_pool_channel':
         return nn.Dropout2d(rate)
     return nn.Dropout(rate)
+
+
+def check_pool_for_dropout(pool_type: Optional[str], head_drop: nn.Module, owner: str) -> None:
+    """Refuse a max-type global pool after a head dropout (``head_drop`` not an Identity).
+
+    The guideline drops before *average* pooling, whose mean over masks equals the eval-mode output; the maximum of
+    dropped and rescaled features is biased upward, so training and eval would disagree (the shift the paper's head
+    rule avoids). ``pool_type`` is timm's ('avg', 'max', 'avgmax', 'catavgmax', 'fast...', '' for none).
+
+    Example:
+        >>> check_pool_for_dropout('avg', nn.Dropout(0.2), 'resnet50')
+        >>> check_pool_for_dropout('max', nn.Identity(), 'resnet50')
+        >>> check_pool_for_dropout('avgmax', nn.Dropout(0.2), 'resnet50')
+        Traceback (most recent call last):
+        ...
+        ValueError: resnet50 pools with 'avgmax' after its dropout before the pool: ...
+    """
+    if pool_type and 'max' in pool_type and not isinstance(head_drop, nn.Identity):
+        raise ValueError(
+            f"{owner} pools with {pool_type!r} after its dropout before the pool: a max over dropped and rescaled "
+            f"features is biased, so training and eval would disagree. Use global_pool='avg', or "
+            f"head_position='after_pool'.")
 
 
 def set_v1_strides(model: nn.Module) -> nn.Module:
@@ -70,6 +92,11 @@ class PrePoolDropoutHead(ClassifierHead):
         >>> head(torch.randn(2, 64, 7, 7)).shape
         torch.Size([2, 10])
     """
+
+    def reset(self, num_classes: int, pool_type: Optional[str] = None, *args: Any, **kwargs: Any) -> None:
+        """ClassifierHead's reset; a max-type ``pool_type`` is refused while a dropout runs before the pool."""
+        check_pool_for_dropout(pool_type, self.drop, type(self).__name__)
+        super().reset(num_classes, pool_type, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = run_dropout(self.drop, x)
@@ -124,6 +151,12 @@ class DropfixResNet(HeadDropMixin, ResNet):
             set_v1_strides(self)
         from .rewrite import rewrite  # rewrite maps ResNet to this class, so the import must be lazy
         rewrite(self, branch_drop_rate, drop_rate, branch_position, head_position)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's reset_classifier; a max-type ``global_pool`` is refused while the head drops before the pool."""
+        if self.head_drop_at == 'before_pool':
+            check_pool_for_dropout(global_pool, self.head_drop, type(self).__name__)
+        super().reset_classifier(num_classes, global_pool)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self._hd(x, 'before_pool')

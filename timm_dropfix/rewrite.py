@@ -17,7 +17,8 @@ from timm.models.resnetv2 import ResNetV2
 from torchvision.models.resnet import ResNet as TvResNet
 
 from .blocks import DropfixBlockMixin, dropfix_block_class
-from .heads import DropfixResNet, DropfixTvResNet, HeadDropMixin, PrePoolDropoutHead, make_head_drop
+from .heads import (DropfixResNet, DropfixTvResNet, HeadDropMixin, PrePoolDropoutHead, check_pool_for_dropout,
+                    make_head_drop)
 from .positions import BRANCH_POSITIONS, check_head_position, check_rate, resolve_branch_position
 
 __all__ = ['rewrite', 'summarize', 'dropfix_config', 'dropfix_twin', 'DropfixSummary', 'UnsupportedModelError',
@@ -26,8 +27,9 @@ __all__ = ['rewrite', 'summarize', 'dropfix_config', 'dropfix_twin', 'DropfixSum
 _logger = logging.getLogger(__name__)
 
 SUPPORTED_FAMILIES = (
-    'timm ResNetV2 (resnetv2_*, BatchNormAct or GroupNormAct, pre-activation or not)',
-    'timm ResNet (resnet*, resnet*d, seresnet*, ecaresnet*, resnext*, wide_resnet*)',
+    'timm ResNetV2 (resnetv2_*, any of its norm layers, pre-activation or not)',
+    "timm's ResNet class with basic or bottleneck blocks (resnet*, resnet*d, seresnet*, ecaresnet*, resnext*, "
+    'wide_resnet*, resnetrs*, resnetblur*)',
     'torchvision resnet*, resnext*, wide_resnet*',
     'the registered preresnet*_dropfix, preresnet*_cifar and resnet*_dropfix models',
 )
@@ -101,6 +103,30 @@ def _head_kind(model: nn.Module) -> Optional[str]:
     return None
 
 
+def _nets(model: nn.Module) -> list[nn.Module]:
+    """The networks whose head rewrite changes: the model itself, or the known networks it holds (a wrapper
+    module with a timm or torchvision ResNet as its backbone)."""
+    if _head_kind(model) is not None:
+        return [model]
+    return [m for m in model.modules() if _head_kind(m) is not None]
+
+
+def _pool_type(net: nn.Module) -> Optional[str]:
+    pool = net.head.global_pool if _head_kind(net) == 'classifier_head' else getattr(net, 'global_pool', None)
+    return getattr(pool, 'pool_type', None)  # torchvision's ResNet: nn.AdaptiveAvgPool2d
+
+
+def _unknown_blocks(model: nn.Module) -> str:
+    """' (its blocks: X, Y)' for a ResNet-family model whose residual blocks are of kinds rewrite does not know."""
+    stages = [getattr(model, f'layer{i}', None) for i in range(1, 5)] + list(getattr(model, 'stages', []))
+    kinds = []
+    for stage in stages:
+        for block in (getattr(stage, 'blocks', stage) or []) if isinstance(stage, nn.Module) else []:
+            if type(block).__name__ not in kinds:
+                kinds.append(type(block).__name__)
+    return f' (its blocks: {", ".join(kinds)})' if kinds else ''
+
+
 def _rewrite_head(model: nn.Module, kind: Optional[str], rate: float, position: str) -> None:
     if position == 'none':
         rate = 0.0
@@ -163,23 +189,28 @@ def rewrite(
     blocks = [(m, cls) for m in model.modules() if (cls := dropfix_block_class(m)) is not None]
     if not blocks:
         raise UnsupportedModelError(
-            f'{type(model).__name__} has no residual block that timm_dropfix knows. Supported families: '
-            + '; '.join(SUPPORTED_FAMILIES) + '.')
+            f'{type(model).__name__}{_unknown_blocks(model)} has no residual block that timm_dropfix knows. '
+            'Supported families: ' + '; '.join(SUPPORTED_FAMILIES) + '.')
     # resolve every place before touching the model, so a bad position leaves it unchanged
     resolved = {cls: 'none' if branch_position == 'none' else
                 resolve_branch_position(branch_position, cls.dropfix_kind, cls.dropfix_num_convs)
                 for _, cls in blocks}
-    head_kind = _head_kind(model)
+    nets = _nets(model)
+    if head_position != 'none':
+        for net in nets:
+            check_pool_for_dropout(_pool_type(net) if head_position.startswith('before_pool') else None,
+                                   _drop(head_drop_rate, False), type(net).__name__)
 
     for module, cls in blocks:
         module.__class__ = cls
         at = resolved[cls] if branch_drop_rate > 0 else 'none'
         module.branch_drop = _drop(branch_drop_rate if at != 'none' else 0.0, module.training)
         module.branch_drop_at = at
-    if head_kind is None:
+    if not nets:
         _logger.warning('%s: no classifier head that timm_dropfix knows; only the residual branches were changed.',
                         type(model).__name__)
-    _rewrite_head(model, head_kind, head_drop_rate, head_position)
+    for net in nets:
+        _rewrite_head(net, _head_kind(net), head_drop_rate, head_position)
 
     model._dropfix_cfg = dict(
         branch_drop_rate=branch_drop_rate, head_drop_rate=head_drop_rate,
@@ -212,25 +243,26 @@ def summarize(model: nn.Module) -> DropfixSummary:
         if isinstance(m, DropfixBlockMixin):
             summary.branch_positions[name] = m.branch_drop_at
             summary.branch_drop_rate = max(summary.branch_drop_rate, _rate_of(m.branch_drop))
-    if isinstance(model, ResNetV2) and isinstance(model.head, ClassifierHead):
-        summary.head = type(model.head).__name__
-        summary.head_drop_rate = _rate_of(model.head.drop)
-        before = isinstance(model.head, PrePoolDropoutHead)
-        channel = isinstance(model.head.drop, nn.Dropout2d)
+    net = (_nets(model) or [model])[0]  # a wrapper's backbone holds the head
+    if isinstance(net, ResNetV2) and isinstance(net.head, ClassifierHead):
+        summary.head = type(net.head).__name__
+        summary.head_drop_rate = _rate_of(net.head.drop)
+        before = isinstance(net.head, PrePoolDropoutHead)
+        channel = isinstance(net.head.drop, nn.Dropout2d)
         summary.head_position = ('none' if summary.head_drop_rate == 0 else
                                  'before_pool_channel' if before and channel else
                                  'before_pool' if before else 'after_pool')
-    elif isinstance(model, HeadDropMixin):
-        method = 'forward_head' if isinstance(model, ResNet) else '_forward_impl'
-        summary.head = f'{type(model).__name__}.{method}'
-        summary.head_drop_rate = _rate_of(model.head_drop)
-        channel = isinstance(model.head_drop, nn.Dropout2d)
-        summary.head_position = 'before_pool_channel' if channel else model.head_drop_at
-    elif isinstance(model, ResNet):
+    elif isinstance(net, HeadDropMixin):
+        method = 'forward_head' if isinstance(net, ResNet) else '_forward_impl'
+        summary.head = f'{type(net).__name__}.{method}'
+        summary.head_drop_rate = _rate_of(net.head_drop)
+        channel = isinstance(net.head_drop, nn.Dropout2d)
+        summary.head_position = 'before_pool_channel' if channel else net.head_drop_at
+    elif isinstance(net, ResNet):
         summary.head = 'ResNet.forward_head'
-        summary.head_drop_rate = float(model.drop_rate)
-        summary.head_position = 'after_pool' if model.drop_rate else 'none'
-    elif isinstance(model, TvResNet):
+        summary.head_drop_rate = float(net.drop_rate)
+        summary.head_position = 'after_pool' if net.drop_rate else 'none'
+    elif isinstance(net, TvResNet):
         summary.head = 'ResNet._forward_impl'
     return summary
 
