@@ -1,6 +1,6 @@
 """finetune: fine-tune timm ResNets with accelerate, benchmark dropout placements, publish to the Hub.
 
-Command line: ``python -m finetune train|bench|push`` (or ``accelerate launch -m finetune train``).
+Command line: ``python -m finetune train|bench|eval|push`` (or ``accelerate launch -m finetune train``).
 From Python:
 
     >>> from finetune.config import TrainConfig

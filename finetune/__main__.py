@@ -1,9 +1,10 @@
-"""``python -m finetune train|bench|push`` (also ``accelerate launch -m finetune train ...``).
+"""``python -m finetune train|bench|eval|push`` (also ``accelerate launch -m finetune train ...``).
 
 Examples:
     python -m finetune train --model resnet50 --pretrained-file ../shared/weights/resnet50_keras_in1k --v1-strides \\
         --data-dir ../shared/data/pets370 --img-size 160 --output-dir runs/pets
     python -m finetune bench --model resnet18 --data-dir ../shared/data/pets370 --seeds 0 1 2 --output-dir runs/bench
+    python -m finetune eval runs/pets/model --data-dir ../shared/data/pets370
     python -m finetune push runs/pets/model --repo-id me/resnet50-pets --dry-run
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .errors import FinetuneError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI parser (subcommands train, bench, push)."""
+    """The CLI parser (subcommands train, bench, eval, push)."""
     parser = argparse.ArgumentParser(prog='python -m finetune', description=__doc__.split('\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -32,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f'variant names (default: all of {", ".join(DEFAULT_VARIANTS)})')
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     p.add_argument('--baseline', default='timm_default', help='variant the paired differences are taken against')
+
+    p = sub.add_parser('eval', help="evaluate a saved model folder with timm's own eval transform")
+    p.add_argument('folder', help='the model/ folder written by `finetune train` (any timm save_for_hf folder)')
+    p.add_argument('--data-dir', required=True)
+    p.add_argument('--dataset', choices=('pets', 'imagefolder'), default='pets',
+                   help='pets: its test split; imagefolder: DATA_DIR/val')
+    p.add_argument('--batch-size', type=int, default=64, help='per process')
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--output', default=None, help='also write the metrics to this JSON file')
 
     p = sub.add_parser('push', help='upload a model folder to the Hugging Face Hub in one commit')
     p.add_argument('folder', help='the model/ folder written by `finetune train`')
@@ -56,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == 'bench':
             from .bench import run_bench
             run_bench(config_from_args(args), args.variants, args.seeds, baseline=args.baseline)
+        elif args.command == 'eval':
+            from .evaluate import evaluate_folder
+            evaluate_folder(args.folder, args.data_dir, dataset=args.dataset, batch_size=args.batch_size,
+                            workers=args.workers, output=args.output)
         elif args.command == 'push':
             from .hub import push
             push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run,

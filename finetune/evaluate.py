@@ -107,3 +107,66 @@ def plot_confusion_matrix(logits: torch.Tensor, targets: torch.Tensor, classes: 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 'pets', batch_size: int = 64,
+                    workers: int = 2, output: str | Path | None = None) -> dict:
+    """Evaluate a saved model folder on a dataset's eval split the way a user of timm would, and return the metrics.
+
+    The model is loaded with ``timm.create_model('local-dir:...', pretrained=True)`` (dropfix architectures
+    included) and fed through timm's own eval transform for its pretrained_cfg (PIL, per image), so the numbers
+    check what ``finetune train`` reported with nothing of the toolkit's data path in between. Runs under
+    ``accelerate launch`` on any number of processes (every image counted once). ``output``: also write the
+    metrics there as JSON.
+
+    Example:
+        >>> m = evaluate_folder('runs/pets/model', '../shared/data/pets370')   # doctest: +SKIP
+        >>> sorted(m)                                                         # doctest: +SKIP
+        ['ece', 'mean_class_acc', 'model_dir', 'n', 'n_skipped', 'nll', 'skipped', 'top1', 'top5']
+    """
+    import json
+
+    import timm
+    from accelerate import Accelerator
+    from timm.data import create_transform, resolve_data_config
+
+    import timm_dropfix  # noqa: F401  (registers the *_dropfix architectures a folder may name)
+
+    from .data import ImageListDataset, load_samples
+    from .errors import FinetuneError
+    from .hub import REQUIRED
+
+    folder = Path(model_dir)
+    missing = [f for f in REQUIRED if not (folder / f).is_file()]
+    if missing:
+        raise FinetuneError(f'{folder} lacks {", ".join(missing)}: pass the model/ folder written by '
+                            f'`finetune train` (or any timm save_for_hf folder)')
+    split = load_samples(dataset, str(data_dir))
+    label_names = json.loads((folder / 'config.json').read_text()).get('label_names')
+    if label_names is not None and list(label_names) != list(split.classes):
+        raise FinetuneError(f'{folder} was trained on the classes {label_names[:5]}... ({len(label_names)}), but '
+                            f'{data_dir} has {split.classes[:5]}... ({len(split.classes)}): the metrics would compare '
+                            f'wrong labels. Evaluate on the dataset the model was trained for.')
+    try:
+        model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    except Exception as e:  # timm, safetensors and torch raise many types for a bad folder; all mean the same
+        raise FinetuneError(f'could not load {folder} with timm: {type(e).__name__}: {str(e)[:500]}') from None
+    if model.num_classes != len(split.classes):
+        raise FinetuneError(f'{folder} predicts {model.num_classes} classes, {data_dir} has {len(split.classes)}')
+    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    loader = torch.utils.data.DataLoader(ImageListDataset(split.eval, transform), batch_size=batch_size,
+                                         num_workers=workers)
+    accelerator = Accelerator()
+    model, loader = accelerator.prepare(model, loader)
+    logits, targets = predict(model, loader, accelerator)
+    metrics = dict(classification_metrics(logits, targets, len(split.classes)), model_dir=str(folder),
+                   n_skipped=split.n_skipped, skipped=split.skipped)
+    if accelerator.is_main_process:
+        skipped = f', {split.n_skipped} unreadable skipped' if split.n_skipped else ''
+        accelerator.print(f"{folder}: top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  mean_class_acc "
+                          f"{metrics['mean_class_acc']:.4f}  nll {metrics['nll']:.4f}  ece {metrics['ece']:.4f}  "
+                          f"({metrics['n']} images{skipped})")
+        if output is not None:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps(metrics, indent=2))
+    return metrics

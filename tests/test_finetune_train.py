@@ -86,6 +86,30 @@ def test_outputs_and_load_back(rewritten_run, tiny_pets):
                                                       branch_position='recommended', head_position='before_pool')
 
 
+def test_eval_command_reproduces_the_reported_metrics(rewritten_run, tiny_pets, tmp_path, capsys):
+    """`finetune eval` loads the folder with timm and its own eval transform: the numbers train reported."""
+    from finetune.__main__ import main
+    cfg, _ = rewritten_run
+    model_dir = Path(cfg.output_dir) / 'model'
+    saved = json.loads((Path(cfg.output_dir) / 'metrics.json').read_text())
+    out = tmp_path / 'eval.json'
+    assert main(['eval', str(model_dir), '--data-dir', str(tiny_pets), '--workers', '0', '--output', str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m['top1'] == pytest.approx(saved['top1'], abs=1e-6) and m['n'] == saved['n_eval']
+    assert m['nll'] == pytest.approx(saved['nll'], abs=2e-3)
+    assert f"top1 {saved['top1']:.4f}" in capsys.readouterr().out
+    # another dataset's classes, and a folder that is not a model, are refused with what to do
+    other = tmp_path / 'other'
+    shutil.copytree(model_dir, other)
+    hf = json.loads((other / 'config.json').read_text())
+    hf['label_names'] = list(reversed(hf['label_names']))
+    (other / 'config.json').write_text(json.dumps(hf))
+    assert main(['eval', str(other), '--data-dir', str(tiny_pets), '--workers', '0']) == 2
+    assert 'wrong labels' in capsys.readouterr().err
+    assert main(['eval', str(tmp_path), '--data-dir', str(tiny_pets)]) == 2
+    assert 'lacks config.json, model.safetensors' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('older_checkpoint', [False, True], ids=['schedule_in_trainer_state', 'older_checkpoint'])
 def test_resume_continues_exactly(rewritten_run, tiny_pets, tmp_path, older_checkpoint):
     """Weights, optimizer, learning-rate schedule and RNG come back exactly; no pickle is written (accelerate

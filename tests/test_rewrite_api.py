@@ -81,6 +81,7 @@ def test_a_backbone_inside_a_wrapper_gets_its_head_rewritten():
     assert (s.head_drop_rate, s.head_position, s.blocks) == (0.2, 'before_pool', 4)
 
 
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')
 def test_torchscript_says_what_to_use_instead():
     model = timm_dropfix.rewrite(timm.create_model('resnet18', layers=ONE, scriptable=True))
     with pytest.raises(RuntimeError, match='torch.jit.script does not support timm_dropfix blocks.*torch.compile'):

@@ -1,9 +1,9 @@
 """The fused CPU dropout kernel (``csrc/dropout.c``): built once per machine with the system C compiler, loaded with
 ctypes.
 
-The build takes about 1.5 s on the project's 2-core machine (plain C, no torch headers) and is cached in
-``$TIMM_DROPFIX_CACHE_DIR`` (default ``~/.cache/timm_dropfix``, or ``$XDG_CACHE_HOME/timm_dropfix``) under
-``kernels/``, named by a hash of the source, the flags, the compiler's version and the platform, so an edited
+The build (plain C, no torch headers) takes about 1.5 s on the project's idle 2-core machine, 5-7 s under load, and is
+cached in ``$TIMM_DROPFIX_CACHE_DIR`` (default ``~/.cache/timm_dropfix``, or ``$XDG_CACHE_HOME/timm_dropfix``)
+under ``kernels/``, named by a hash of the source, the flags, the compiler's version and the platform, so an edited
 source or another compiler rebuilds it; each build deletes all but the four newest there. Where no compiler works,
 :func:`load` returns None once, logs why, and :mod:`timm_dropfix.fastdrop` uses its torch-ops path.
 """
