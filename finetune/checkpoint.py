@@ -92,6 +92,36 @@ def find_checkpoint(resume: str, run_dir: str | Path) -> Path:
                         f'Start without --resume, or point it at a run folder written by `finetune train`.')
 
 
+def load_checkpoint(accelerator, ckpt: str | Path) -> dict | None:
+    """``accelerator.load_state(ckpt)`` without unpickling code; returns a checkpoint's older scheduler state.
+
+    Checkpoints of earlier versions hold the LR scheduler as ``custom_checkpoint_0.pkl``, which accelerate would
+    unpickle with ``weights_only=False`` (and, with no object registered now, refuse to load at all). It is read
+    here with ``weights_only=True`` and returned, and accelerate loads the rest from a folder of links that leaves
+    it out. Newer checkpoints keep the scheduler's state in ``trainer_state.json``; then this returns None.
+    """
+    import tempfile
+
+    import torch
+    ckpt = Path(ckpt)
+    pickles = sorted(ckpt.glob('custom_checkpoint_*.pkl'))
+    if not pickles:
+        accelerator.load_state(str(ckpt))
+        return None
+    try:
+        older = torch.load(pickles[0], map_location='cpu', weights_only=True)
+    except Exception as e:  # an UnpicklingError for anything beyond plain data
+        raise FinetuneError(f'--resume: {pickles[0]} is not a plain scheduler state ({type(e).__name__}); it is '
+                            f'not loaded, since unpickling it could run code. Start the run again in a new '
+                            f'--output-dir.') from None
+    with tempfile.TemporaryDirectory(prefix='finetune-resume-') as tmp:
+        for f in ckpt.iterdir():
+            if f not in pickles:
+                os.symlink(f.resolve(), Path(tmp) / f.name)
+        accelerator.load_state(tmp)
+    return older
+
+
 def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
     """The ``trainer_state.json`` of a checkpoint."""
     return json.loads((Path(ckpt) / STATE_FILE).read_text())

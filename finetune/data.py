@@ -76,6 +76,34 @@ def imagefolder_samples(data_dir: str | Path) -> tuple[list[Sample], list[Sample
     return [(p, int(y)) for p, y in train.samples], [(p, int(y)) for p, y in val.samples], list(train.classes)
 
 
+def eval_samples(dataset: str, data_dir: str | Path) -> tuple[list[Sample], list[str], list[str]]:
+    """The readable eval split alone (pets: test; imagefolder: ``DIR/val``), its classes and the unreadable paths.
+
+    Example:
+        >>> samples, classes, skipped = eval_samples('pets', '../shared/data/pets370')   # doctest: +SKIP
+        >>> len(samples), len(classes)                                                   # doctest: +SKIP
+        (185, 37)
+    """
+    if dataset == 'pets':
+        samples, classes = pets_samples(data_dir, 'test', False)
+    elif dataset == 'imagefolder':
+        from torchvision.datasets import ImageFolder
+        root = Path(data_dir) / 'val'
+        if not root.is_dir():
+            raise FinetuneError(f'--dataset imagefolder evaluates {root}/<class>/<image>; {root} does not exist')
+        try:
+            folder = ImageFolder(str(root))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise FinetuneError(f'no images found in {root}: {e}') from None
+        samples, classes = [(p, int(y)) for p, y in folder.samples], list(folder.classes)
+    else:
+        raise FinetuneError(f"unknown --dataset {dataset!r}: use 'pets' or 'imagefolder'")
+    samples, skipped = check_images(samples)
+    if not samples:
+        raise FinetuneError(f'no readable eval images in {data_dir} ({len(skipped)} unreadable)')
+    return samples, classes, skipped
+
+
 def check_images(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
     """Open every image fully once; return the readable samples and the paths that failed.
 

@@ -132,7 +132,7 @@ def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 
 
     import timm_dropfix  # noqa: F401  (registers the *_dropfix architectures a folder may name)
 
-    from .data import ImageListDataset, load_samples
+    from .data import ImageListDataset, eval_samples
     from .errors import FinetuneError
     from .hub import REQUIRED
 
@@ -141,31 +141,33 @@ def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 
     if missing:
         raise FinetuneError(f'{folder} lacks {", ".join(missing)}: pass the model/ folder written by '
                             f'`finetune train` (or any timm save_for_hf folder)')
-    split = load_samples(dataset, str(data_dir))
+    if batch_size < 1:
+        raise FinetuneError(f'--batch-size {batch_size}: must be 1 or more')
+    samples, classes, skipped = eval_samples(dataset, data_dir)
     label_names = json.loads((folder / 'config.json').read_text()).get('label_names')
-    if label_names is not None and list(label_names) != list(split.classes):
+    if label_names is not None and list(label_names) != list(classes):
         raise FinetuneError(f'{folder} was trained on the classes {label_names[:5]}... ({len(label_names)}), but '
-                            f'{data_dir} has {split.classes[:5]}... ({len(split.classes)}): the metrics would compare '
+                            f'{data_dir} has {classes[:5]}... ({len(classes)}): the metrics would compare '
                             f'wrong labels. Evaluate on the dataset the model was trained for.')
     try:
         model = timm.create_model(f'local-dir:{folder}', pretrained=True)
     except Exception as e:  # timm, safetensors and torch raise many types for a bad folder; all mean the same
         raise FinetuneError(f'could not load {folder} with timm: {type(e).__name__}: {str(e)[:500]}') from None
-    if model.num_classes != len(split.classes):
-        raise FinetuneError(f'{folder} predicts {model.num_classes} classes, {data_dir} has {len(split.classes)}')
+    if model.num_classes != len(classes):
+        raise FinetuneError(f'{folder} predicts {model.num_classes} classes, {data_dir} has {len(classes)}')
     transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
-    loader = torch.utils.data.DataLoader(ImageListDataset(split.eval, transform), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(ImageListDataset(samples, transform), batch_size=batch_size,
                                          num_workers=workers)
     accelerator = Accelerator()
     model, loader = accelerator.prepare(model, loader)
     logits, targets = predict(model, loader, accelerator)
-    metrics = dict(classification_metrics(logits, targets, len(split.classes)), model_dir=str(folder),
-                   n_skipped=split.n_skipped, skipped=split.skipped)
+    metrics = dict(classification_metrics(logits, targets, len(classes)), model_dir=str(folder),
+                   n_skipped=len(skipped), skipped=skipped)
     if accelerator.is_main_process:
-        skipped = f', {split.n_skipped} unreadable skipped' if split.n_skipped else ''
+        unreadable = f', {len(skipped)} unreadable skipped' if skipped else ''
         accelerator.print(f"{folder}: top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  mean_class_acc "
                           f"{metrics['mean_class_acc']:.4f}  nll {metrics['nll']:.4f}  ece {metrics['ece']:.4f}  "
-                          f"({metrics['n']} images{skipped})")
+                          f"({metrics['n']} images{unreadable})")
         if output is not None:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text(json.dumps(metrics, indent=2))

@@ -103,7 +103,7 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
         [str(folder), '--repo-id', repo_id] + (['--private'] if private else [])
         + (['--bench-results', str(bench_results)] if bench_results else [])
         + (['--revision', revision] if revision else [])
-        + (['--commit-message', commit_message] if commit_message else [])))
+        + ([f'--commit-message={commit_message}'] if commit_message else [])))  # '=': a message may start with -
     token = _known_token()
     with tempfile.TemporaryDirectory(prefix='finetune-push-') as tmp:
         staged = Path(tmp) / 'upload'

@@ -40,7 +40,7 @@ from timm_dropfix.positions import check_rate
 
 from . import data as data_lib
 from .card import EVAL_METRICS, TRAINING_CONFIG, render_card
-from .checkpoint import (check_same_model, find_checkpoint, read_trainer_state, save_checkpoint,
+from .checkpoint import (check_same_model, find_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint,
                          write_text_atomic)
 from .config import TrainConfig
 from .errors import FinetuneError
@@ -176,7 +176,7 @@ def check_options(cfg: TrainConfig) -> None:
         >>> check_options(TrainConfig(drop_rate=1.0))
         Traceback (most recent call last):
         ...
-        finetune.errors.FinetuneError: --drop-rate must be in [0, 1) (the probability of zeroing an element), got 1.0. ...
+        finetune.errors.FinetuneError: --drop-rate must be in [0, 1) ...
     """
     # checked with or without --rewrite: a rate that is ignored now would be recorded in config.json all the same
     for flag, rate in (('--drop-rate', cfg.drop_rate), ('--branch-drop-rate', cfg.branch_drop_rate),
@@ -189,6 +189,17 @@ def check_options(cfg: TrainConfig) -> None:
                         ('--checkpoint-every', cfg.checkpoint_every), ('--keep-checkpoints', cfg.keep_checkpoints)):
         if value < 1:
             raise FinetuneError(f'{flag} {value}: must be 1 or more')
+    for flag, value, ok, valid in (
+            ('--lr', cfg.lr, cfg.lr > 0, '> 0'),
+            ('--backbone-lr-mult', cfg.backbone_lr_mult, cfg.backbone_lr_mult >= 0, '>= 0 (0 freezes the backbone)'),
+            ('--weight-decay', cfg.weight_decay, cfg.weight_decay >= 0, '>= 0'),
+            ('--momentum', cfg.momentum, 0 <= cfg.momentum < 1, 'in [0, 1)'),
+            ('--warmup-epochs', cfg.warmup_epochs, cfg.warmup_epochs >= 0, '>= 0'),
+            ('--min-lr-ratio', cfg.min_lr_ratio, 0 <= cfg.min_lr_ratio <= 1, 'in [0, 1]'),
+            ('--label-smoothing', cfg.label_smoothing, 0 <= cfg.label_smoothing < 1, 'in [0, 1)'),
+            ('--rrc-scale-min', cfg.rrc_scale_min, 0 < cfg.rrc_scale_min <= 1, 'in (0, 1]')):
+        if not ok:  # NaN fails every comparison, so it lands here too
+            raise FinetuneError(f'{flag} {value}: must be {valid}')
     if cfg.img_size is not None and cfg.img_size < 8:
         raise FinetuneError(f'--img-size {cfg.img_size}: give the input size in pixels (8 or more), or leave it out '
                             "for the model's default")
@@ -272,6 +283,11 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
         old_cfg = saved.get('config', {})
         changed = sorted(k for k, v in cfg.to_dict().items()
                          if k not in ('resume', 'output_dir', 'workers', 'log_with') and old_cfg.get(k, v) != v)
+        if 'mixed_precision' in changed:
+            raise FinetuneError(f"--resume: {ckpt} trained with mixed precision {old_cfg['mixed_precision']!r}, this "
+                                f"run would use {cfg.mixed_precision!r} (from --mixed-precision, accelerate launch or "
+                                f"the accelerate config). Resume with --mixed-precision {old_cfg['mixed_precision']} "
+                                f"(fp16's loss-scaler state exists only in fp16 checkpoints).")
         restored = [k for k in changed if k in _RESTORED_OPTIONS]
         if restored:
             details = ', '.join(f'--{k.replace("_", "-")} {old_cfg[k]!r} -> {getattr(cfg, k)!r}' for k in restored)
@@ -319,15 +335,10 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
 
     start_epoch, global_step, history = 0, 0, []
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))  # model, optimizer and every process's RNG state
+        older_scheduler = load_checkpoint(accelerator, ckpt)  # model, optimizer and every process's RNG state
         saved = read_trainer_state(ckpt)
         start_epoch, global_step, history = saved['epoch'] + 1, saved['global_step'], saved['history']
-        if 'scheduler' in saved:
-            scheduler.load_state_dict(saved['scheduler'])
-        else:  # an earlier version's checkpoint (its pickled scheduler is not loaded): one step per optimizer step
-            scheduler.load_state_dict({**scheduler.state_dict(), 'last_epoch': global_step,
-                                       '_step_count': global_step + 1,
-                                       '_last_lr': [g['lr'] for g in optimizer.optimizer.param_groups]})
+        scheduler.load_state_dict(saved.get('scheduler', older_scheduler))
         accelerator.print(f'resumed from {ckpt} (epoch {start_epoch}/{cfg.epochs})')
     if log_with:
         accelerator.init_trackers('tensorboard', config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))

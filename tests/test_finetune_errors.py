@@ -45,9 +45,12 @@ def test_unknown_model(tiny_pets, tmp_path, capsys):
     (('--batch-size', '0'), ('--batch-size 0', '1 or more')),
     (('--epochs', '0'), ('--epochs 0', '1 or more')),
     (('--img-size', '0'), ('--img-size 0', 'pixels')),
+    (('--lr', '-1'), ('--lr -1.0', '> 0')),
+    (('--label-smoothing', '1.5'), ('--label-smoothing 1.5', 'in [0, 1)')),
+    (('--weight-decay', 'nan'), ('--weight-decay nan', '>= 0')),
 ], ids=['cache_smaller_than_input', 'negative_color_jitter', 'unknown_dynamo_backend', 'drop_rate_one',
         'drop_rate_negative', 'branch_rate_nan', 'head_rate_above_one', 'grad_accum_zero', 'batch_size_zero',
-        'epochs_zero', 'img_size_zero'])
+        'epochs_zero', 'img_size_zero', 'lr_negative', 'label_smoothing_above_one', 'weight_decay_nan'])
 def test_bad_option(tiny_pets, tmp_path, capsys, extra, says):
     code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', *extra))
     assert code == 2 and all(s in err for s in says)
@@ -101,6 +104,14 @@ def test_existing_run_needs_resume_and_other_model_is_refused(tiny_pets, tmp_pat
     # the optimizer state the checkpoint restores would override a new learning rate or optimizer silently
     code, err = run_cli(capsys, *tiny_args(tiny_pets, out, '--resume', '--lr', '0.5', '--optimizer', 'sgd'))
     assert code == 2 and "--lr 0.001 -> 0.5" in err and "--optimizer 'adamw' -> 'sgd'" in err
+    # a precision switched mid-run (e.g. by another `accelerate launch --mixed_precision`) is refused too
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()  # a new command line is a new process: its Accelerator may choose bf16
+    try:
+        code, err = run_cli(capsys, *tiny_args(tiny_pets, out, '--resume', '--mixed-precision', 'bf16'))
+    finally:
+        AcceleratorState._reset_state()
+    assert code == 2 and "trained with mixed precision 'no'" in err and '--mixed-precision no' in err
     assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before
     code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'fresh', '--resume'))
     assert code == 2 and 'no complete checkpoint' in err

@@ -110,7 +110,7 @@ def test_failed_upload_keeps_everything_local(model_dir, monkeypatch):
     msg = str(err.value)
     assert 'failed' in msg and 'retry' in msg and f'python -m finetune push {model_dir}' in msg
     # the retry command commits where the failed one would have: same branch and message
-    assert msg.endswith("--revision dev --commit-message 'v2 weights'"), msg
+    assert msg.endswith("--revision dev '--commit-message=v2 weights'"), msg
     assert TOKEN not in msg and '<token>' in msg
     assert digest(model_dir) == before
 

@@ -98,6 +98,15 @@ def test_eval_command_reproduces_the_reported_metrics(rewritten_run, tiny_pets, 
     assert m['top1'] == pytest.approx(saved['top1'], abs=1e-6) and m['n'] == saved['n_eval']
     assert m['nll'] == pytest.approx(saved['nll'], abs=2e-3)
     assert f"top1 {saved['top1']:.4f}" in capsys.readouterr().out
+    # the same images as an imagefolder holding only val/ (no train/ needed to evaluate)
+    split = load_samples('pets', str(tiny_pets))
+    for path, label in split.eval:
+        dest = tmp_path / 'folder' / 'val' / split.classes[label]
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dest)
+    assert main(['eval', str(model_dir), '--dataset', 'imagefolder', '--data-dir', str(tmp_path / 'folder'),
+                 '--workers', '0', '--output', str(out)]) == 0
+    assert json.loads(out.read_text())['top1'] == pytest.approx(saved['top1'], abs=1e-6)
     # another dataset's classes, and a folder that is not a model, are refused with what to do
     other = tmp_path / 'other'
     shutil.copytree(model_dir, other)
@@ -113,8 +122,8 @@ def test_eval_command_reproduces_the_reported_metrics(rewritten_run, tiny_pets, 
 @pytest.mark.parametrize('older_checkpoint', [False, True], ids=['schedule_in_trainer_state', 'older_checkpoint'])
 def test_resume_continues_exactly(rewritten_run, tiny_pets, tmp_path, older_checkpoint):
     """Weights, optimizer, learning-rate schedule and RNG come back exactly; no pickle is written (accelerate
-    unpickles registered objects with weights_only=False). Checkpoints of earlier versions lack the schedule's
-    state: it is rebuilt from the step count."""
+    unpickles registered objects with weights_only=False). Checkpoints of earlier versions hold the schedule as
+    accelerate's custom_checkpoint_0.pkl: it is read with weights_only=True, and resumes exactly too."""
     cfg_full, full = rewritten_run
     out = tmp_path / 'interrupted'
     cfg = tiny_cfg(tiny_pets, out, rewrite=True)
@@ -125,8 +134,8 @@ def test_resume_continues_exactly(rewritten_run, tiny_pets, tmp_path, older_chec
     assert {p.name for p in ckpt.glob('*.pkl')} == {'random_states_0.pkl'}  # read with weights_only=True
     state = json.loads((ckpt / 'trainer_state.json').read_text())
     assert state['scheduler']['last_epoch'] == state['global_step'] > 0
-    if older_checkpoint:
-        del state['scheduler']
+    if older_checkpoint:  # what register_for_checkpointing(scheduler) wrote: torch.save of its state_dict
+        torch.save(state.pop('scheduler'), ckpt / 'custom_checkpoint_0.pkl')
         (ckpt / 'trainer_state.json').write_text(json.dumps(state))
     resumed = train(cfg.replace(resume='auto'))
     assert [h['train_loss'] for h in resumed['history']] == [h['train_loss'] for h in full['history']]
@@ -135,6 +144,19 @@ def test_resume_continues_exactly(rewritten_run, tiny_pets, tmp_path, older_chec
     a = load_file(str(Path(cfg_full.output_dir) / 'model' / 'model.safetensors'))
     b = load_file(str(out / 'model' / 'model.safetensors'))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_pickle_that_is_not_plain_data(rewritten_run, tiny_pets, tmp_path):
+    from finetune.errors import FinetuneError
+    out = tmp_path / 'run'
+    shutil.copytree(rewritten_run[0].output_dir, out)
+    ckpt = out / 'checkpoints' / 'epoch_0001'
+    marker = tmp_path / 'ran'
+    (ckpt / 'custom_checkpoint_0.pkl').write_bytes(  # a pickle whose loading would call os.system
+        b"cos\nsystem\n(V touch " + str(marker).encode() + b"\ntR.")
+    with pytest.raises(FinetuneError, match='not a plain scheduler state'):
+        train(tiny_cfg(tiny_pets, out, rewrite=True, resume='auto'))
+    assert not marker.exists()
 
 
 def test_compiled_model_exports_plain_weights(tiny_pets, tmp_path, monkeypatch):

@@ -59,6 +59,7 @@ def test_dropout_before_a_max_pool_is_refused(name):
         type(m).__name__.startswith('Dropfix') for m in model.modules())
     timm_dropfix.rewrite(model, head_position='after_pool')  # after the pool, or no head dropout, is fine
     timm_dropfix.rewrite(model, head_drop_rate=0.0)
+    timm_dropfix.rewrite(model, head_position='before_pool_channel')  # whole channels scaled: max unbiased
     rewritten = timm_dropfix.rewrite(timm.create_model(name, layers=ONE))
     with pytest.raises(ValueError, match="pools with 'max'"):
         rewritten.reset_classifier(3, 'max')  # nor can a reset bring a max pool in later
@@ -66,7 +67,14 @@ def test_dropout_before_a_max_pool_is_refused(name):
     assert rewritten(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
 
-def test_a_backbone_inside_a_wrapper_gets_its_head_rewritten():
+def test_torchvision_resnet_with_a_max_pool_is_refused_too():
+    model = torchvision.models.resnet18()
+    model.avgpool = nn.AdaptiveMaxPool2d(1)
+    with pytest.raises(ValueError, match="pools with 'max'"):
+        timm_dropfix.rewrite(model)
+
+
+def test_a_backbone_inside_a_wrapper_gets_its_head_rewritten(caplog):
     class Wrapper(nn.Module):
         def __init__(self):
             super().__init__()
@@ -75,10 +83,16 @@ def test_a_backbone_inside_a_wrapper_gets_its_head_rewritten():
         def forward(self, x):
             return self.backbone(x)
 
-    wrapper = timm_dropfix.rewrite(Wrapper(), head_drop_rate=0.2)
+    with caplog.at_level('WARNING', logger='timm_dropfix'):
+        wrapper = timm_dropfix.rewrite(Wrapper(), head_drop_rate=0.2)
+    assert "rewrote the head of its 'backbone'" in caplog.text  # it runs only if the wrapper calls that head
     assert (wrapper.backbone.head_drop_at, wrapper.backbone.drop_rate) == ('before_pool', 0.2)
     s = timm_dropfix.summarize(wrapper)
     assert (s.head_drop_rate, s.head_position, s.blocks) == (0.2, 'before_pool', 4)
+    compiled = Wrapper()
+    compiled.backbone = torch.compile(compiled.backbone)
+    with pytest.raises(timm_dropfix.UnsupportedModelError, match="'backbone' is compiled"):
+        timm_dropfix.rewrite(compiled)
 
 
 @pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')

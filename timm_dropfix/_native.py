@@ -4,8 +4,8 @@ ctypes.
 The build (plain C, no torch headers) takes about 1.5 s on the project's idle 2-core machine, 5-7 s under load, and is
 cached in ``$TIMM_DROPFIX_CACHE_DIR`` (default ``~/.cache/timm_dropfix``, or ``$XDG_CACHE_HOME/timm_dropfix``)
 under ``kernels/``, named by a hash of the source, the flags, the compiler's version and the platform, so an edited
-source or another compiler rebuilds it; each build deletes all but the four newest there. Where no compiler works,
-:func:`load` returns None once, logs why, and :mod:`timm_dropfix.fastdrop` uses its torch-ops path.
+source or another compiler rebuilds it; each build deletes all but the four most recently used there. Where no
+compiler works, :func:`load` returns None once, logs why, and :mod:`timm_dropfix.fastdrop` uses its torch-ops path.
 """
 from __future__ import annotations
 
@@ -97,7 +97,12 @@ def _build_and_load() -> ctypes.CDLL | None:
             if not path.exists():
                 errors.append(_build(cc, path))
             if path.exists():
-                return _bind(ctypes.CDLL(str(path)))
+                lib = _bind(ctypes.CDLL(str(path)))
+                try:  # pruning keeps the most recently used kernels, not the most recently built
+                    os.utime(path)
+                except OSError:  # another user's cache folder: leave its dates alone
+                    pass
+                return lib
         except OSError as e:  # an unwritable cache folder, or a library that does not load
             errors.append(f'{path}: {e}')
     _logger.warning('timm_dropfix: could not build the fused CPU dropout kernel with %s; the fast CPU dropout uses '
@@ -127,8 +132,8 @@ def _build(cc: str, path: Path) -> str:
 
 
 def _prune(path: Path) -> None:
-    """Delete all but the ``_KEEP`` newest kernels beside ``path`` (each edit of the source or flags adds one); a
-    process that still has a deleted one loaded keeps it, and another version that needs it rebuilds it."""
+    """Delete all but the ``_KEEP`` most recently used kernels beside ``path`` (each edit of the source or flags adds
+    one); a process that still has a deleted one loaded keeps it, and another version that needs it rebuilds it."""
     def age(p: Path) -> float:
         try:
             return p.stat().st_mtime

@@ -37,21 +37,23 @@ def make_head_drop(rate: float, position: str) -> nn.Module:
 
 
 def check_pool_for_dropout(pool_type: Optional[str], head_drop: nn.Module, owner: str) -> None:
-    """Refuse a max-type global pool after a head dropout (``head_drop`` not an Identity).
+    """Refuse a max-type global pool after an element-wise head dropout (``head_drop`` an ``nn.Dropout``).
 
     The guideline drops before *average* pooling, whose mean over masks equals the eval-mode output; the maximum of
     dropped and rescaled features is biased upward, so training and eval would disagree (the shift the paper's head
-    rule avoids). ``pool_type`` is timm's ('avg', 'max', 'avgmax', 'catavgmax', 'fast...', '' for none).
+    rule avoids). A channel-wise ``Dropout2d`` scales whole channels by c >= 0, and max(c * x) = c * max(x), so it
+    passes. ``pool_type`` is timm's ('avg', 'max', 'avgmax', 'catavgmax', 'fast...', '' for none).
 
     Example:
         >>> check_pool_for_dropout('avg', nn.Dropout(0.2), 'resnet50')
         >>> check_pool_for_dropout('max', nn.Identity(), 'resnet50')
+        >>> check_pool_for_dropout('max', nn.Dropout2d(0.2), 'resnet50')
         >>> check_pool_for_dropout('avgmax', nn.Dropout(0.2), 'resnet50')
         Traceback (most recent call last):
         ...
         ValueError: resnet50 pools with 'avgmax' after its dropout before the pool: ...
     """
-    if pool_type and 'max' in pool_type and not isinstance(head_drop, nn.Identity):
+    if pool_type and 'max' in pool_type and not isinstance(head_drop, (nn.Identity, nn.Dropout2d)):
         raise ValueError(
             f"{owner} pools with {pool_type!r} after its dropout before the pool: a max over dropped and rescaled "
             f"features is biased, so training and eval would disagree. Use global_pool='avg', or "

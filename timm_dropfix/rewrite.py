@@ -86,6 +86,11 @@ def _refuse_wrappers(model: nn.Module) -> None:
         raise UnsupportedModelError(
             'rewrite got a torch.compile wrapper, whose compiled graphs would not see the change. Call '
             'rewrite(model._orig_mod, ...) and compile again, or better, rewrite before torch.compile.')
+    inner = next((n for n, m in model.named_modules() if n and 'OptimizedModule' in type(m).__name__), None)
+    if inner is not None:
+        raise UnsupportedModelError(
+            f"rewrite got a model whose '{inner}' is compiled (torch.compile), whose graphs would not see the "
+            'change. Rewrite before compiling.')
 
 
 def _drop(rate: float, training: bool) -> nn.Module:
@@ -103,17 +108,19 @@ def _head_kind(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _nets(model: nn.Module) -> list[nn.Module]:
-    """The networks whose head rewrite changes: the model itself, or the known networks it holds (a wrapper
-    module with a timm or torchvision ResNet as its backbone)."""
+def _nets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The networks whose head rewrite changes, by name: the model itself (''), or the known networks it holds
+    (a wrapper module with a timm or torchvision ResNet as its backbone)."""
     if _head_kind(model) is not None:
-        return [model]
-    return [m for m in model.modules() if _head_kind(m) is not None]
+        return [('', model)]
+    return [(name, m) for name, m in model.named_modules() if _head_kind(m) is not None]
 
 
 def _pool_type(net: nn.Module) -> Optional[str]:
+    if isinstance(net, TvResNet):  # its pool is a module of its own, which a user may have swapped
+        return 'max' if isinstance(net.avgpool, (nn.AdaptiveMaxPool2d, nn.MaxPool2d)) else 'avg'
     pool = net.head.global_pool if _head_kind(net) == 'classifier_head' else getattr(net, 'global_pool', None)
-    return getattr(pool, 'pool_type', None)  # torchvision's ResNet: nn.AdaptiveAvgPool2d
+    return getattr(pool, 'pool_type', None)
 
 
 def _unknown_blocks(model: nn.Module) -> str:
@@ -196,10 +203,10 @@ def rewrite(
                 resolve_branch_position(branch_position, cls.dropfix_kind, cls.dropfix_num_convs)
                 for _, cls in blocks}
     nets = _nets(model)
-    if head_position != 'none':
-        for net in nets:
-            check_pool_for_dropout(_pool_type(net) if head_position.startswith('before_pool') else None,
-                                   _drop(head_drop_rate, False), type(net).__name__)
+    if head_position == 'before_pool':  # a channel-wise Dropout2d scales whole channels: their max is unbiased
+        for name, net in nets:
+            check_pool_for_dropout(_pool_type(net), _drop(head_drop_rate, False),
+                                   f'{type(net).__name__}{f" ({name})" if name else ""}')
 
     for module, cls in blocks:
         module.__class__ = cls
@@ -209,8 +216,12 @@ def rewrite(
     if not nets:
         _logger.warning('%s: no classifier head that timm_dropfix knows; only the residual branches were changed.',
                         type(model).__name__)
-    for net in nets:
+    for name, net in nets:
         _rewrite_head(net, _head_kind(net), head_drop_rate, head_position)
+        if name:
+            _logger.warning("%s: rewrote the head of its '%s' (%s); the head dropout runs only where %s's forward "
+                            'calls that forward or forward_head', type(model).__name__, name, type(net).__name__,
+                            type(model).__name__)
 
     model._dropfix_cfg = dict(
         branch_drop_rate=branch_drop_rate, head_drop_rate=head_drop_rate,
@@ -243,7 +254,7 @@ def summarize(model: nn.Module) -> DropfixSummary:
         if isinstance(m, DropfixBlockMixin):
             summary.branch_positions[name] = m.branch_drop_at
             summary.branch_drop_rate = max(summary.branch_drop_rate, _rate_of(m.branch_drop))
-    net = (_nets(model) or [model])[0]  # a wrapper's backbone holds the head
+    net = (_nets(model) or [('', model)])[0][1]  # a wrapper's backbone holds the head
     if isinstance(net, ResNetV2) and isinstance(net.head, ClassifierHead):
         summary.head = type(net.head).__name__
         summary.head_drop_rate = _rate_of(net.head.drop)
