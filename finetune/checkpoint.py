@@ -106,7 +106,7 @@ def load_checkpoint(accelerator, ckpt: str | Path) -> dict | None:
     ckpt = Path(ckpt)
     pickles = sorted(ckpt.glob('custom_checkpoint_*.pkl'))
     if not pickles:
-        accelerator.load_state(str(ckpt))
+        _load_state(accelerator, ckpt, ckpt)
         return None
     try:
         older = torch.load(pickles[0], map_location='cpu', weights_only=True)
@@ -118,8 +118,17 @@ def load_checkpoint(accelerator, ckpt: str | Path) -> dict | None:
         for f in ckpt.iterdir():
             if f not in pickles:
                 os.symlink(f.resolve(), Path(tmp) / f.name)
-        accelerator.load_state(tmp)
+        _load_state(accelerator, tmp, ckpt)
     return older
+
+
+def _load_state(accelerator, folder: str | Path, ckpt: Path) -> None:
+    try:
+        accelerator.load_state(str(folder))
+    except Exception as e:  # a file damaged or removed after the pointer moved: torch, safetensors, pickle errors
+        raise FinetuneError(f'--resume: {ckpt} could not be loaded ({type(e).__name__}: {str(e)[:300]}). Resume '
+                            f'from another checkpoint (--resume PATH/checkpoints/epoch_NNNN, with '
+                            f'--keep-checkpoints above 1), or start again in a new --output-dir.') from None
 
 
 def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:

@@ -146,6 +146,16 @@ def test_resume_continues_exactly(rewritten_run, tiny_pets, tmp_path, older_chec
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_from_a_damaged_checkpoint_says_what_to_do(rewritten_run, tiny_pets, tmp_path):
+    from finetune.errors import FinetuneError
+    out = tmp_path / 'run'
+    shutil.copytree(rewritten_run[0].output_dir, out)
+    optimizer = out / 'checkpoints' / 'epoch_0001' / 'optimizer.bin'
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # truncated
+    with pytest.raises(FinetuneError, match='could not be loaded.*another checkpoint'):
+        train(tiny_cfg(tiny_pets, out, rewrite=True, resume='auto'))
+
+
 def test_resume_refuses_a_pickle_that_is_not_plain_data(rewritten_run, tiny_pets, tmp_path):
     from finetune.errors import FinetuneError
     out = tmp_path / 'run'
