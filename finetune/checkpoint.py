@@ -92,34 +92,45 @@ def find_checkpoint(resume: str, run_dir: str | Path) -> Path:
                         f'Start without --resume, or point it at a run folder written by `finetune train`.')
 
 
-def load_checkpoint(accelerator, ckpt: str | Path) -> dict | None:
-    """``accelerator.load_state(ckpt)`` without unpickling code; returns a checkpoint's older scheduler state.
+def scheduler_state(ckpt: str | Path, trainer_state: dict[str, Any]) -> dict[str, Any]:
+    """The LR scheduler's state of a checkpoint, read without unpickling code (before anything is written).
 
-    Checkpoints of earlier versions hold the LR scheduler as ``custom_checkpoint_0.pkl``, which accelerate would
-    unpickle with ``weights_only=False`` (and, with no object registered now, refuse to load at all). It is read
-    here with ``weights_only=True`` and returned, and accelerate loads the rest from a folder of links that leaves
-    it out. Newer checkpoints keep the scheduler's state in ``trainer_state.json``; then this returns None.
+    Newer checkpoints keep it in ``trainer_state.json``. Those of earlier versions hold it as accelerate's
+    ``custom_checkpoint_0.pkl``, which accelerate would unpickle with ``weights_only=False``; it is read here with
+    ``weights_only=True``, and anything but plain data is refused.
     """
-    import tempfile
-
     import torch
-    ckpt = Path(ckpt)
-    pickles = sorted(ckpt.glob('custom_checkpoint_*.pkl'))
-    if not pickles:
-        _load_state(accelerator, ckpt, ckpt)
-        return None
+    if 'scheduler' in trainer_state:  # custom_checkpoint files beside it are never unpickled
+        return trainer_state['scheduler']
+    pickles = sorted(Path(ckpt).glob('custom_checkpoint_*.pkl'))
+    if len(pickles) != 1:
+        raise FinetuneError(f'--resume: {ckpt} has no LR scheduler state ({STATE_FILE} holds none, and '
+                            f'{len(pickles)} custom_checkpoint files instead of one): not a checkpoint `finetune '
+                            f'train` wrote. Start the run again in a new --output-dir.')
     try:
-        older = torch.load(pickles[0], map_location='cpu', weights_only=True)
+        return torch.load(pickles[0], map_location='cpu', weights_only=True)
     except Exception as e:  # an UnpicklingError for anything beyond plain data
         raise FinetuneError(f'--resume: {pickles[0]} is not a plain scheduler state ({type(e).__name__}); it is '
                             f'not loaded, since unpickling it could run code. Start the run again in a new '
                             f'--output-dir.') from None
+
+
+def load_checkpoint(accelerator, ckpt: str | Path) -> None:
+    """``accelerator.load_state(ckpt)`` (model, optimizer, every process's RNG state), leaving out the pickled
+    scheduler of an earlier version's checkpoint (see :func:`scheduler_state`): accelerate then loads from a
+    temporary folder of links to the other files. A damaged checkpoint is a FinetuneError that says what to do.
+    """
+    import tempfile
+    ckpt = Path(ckpt)
+    pickles = sorted(ckpt.glob('custom_checkpoint_*.pkl'))
+    if not pickles:
+        _load_state(accelerator, ckpt, ckpt)
+        return
     with tempfile.TemporaryDirectory(prefix='finetune-resume-') as tmp:
         for f in ckpt.iterdir():
             if f not in pickles:
                 os.symlink(f.resolve(), Path(tmp) / f.name)
         _load_state(accelerator, tmp, ckpt)
-    return older
 
 
 def _load_state(accelerator, folder: str | Path, ckpt: Path) -> None:

@@ -41,7 +41,7 @@ from timm_dropfix.positions import check_rate
 from . import data as data_lib
 from .card import EVAL_METRICS, TRAINING_CONFIG, render_card
 from .checkpoint import (check_same_model, find_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint,
-                         write_text_atomic)
+                         scheduler_state, write_text_atomic)
 from .config import TrainConfig
 from .errors import FinetuneError
 from .evaluate import classification_metrics, plot_confusion_matrix, predict
@@ -198,8 +198,8 @@ def check_options(cfg: TrainConfig) -> None:
             ('--min-lr-ratio', cfg.min_lr_ratio, 0 <= cfg.min_lr_ratio <= 1, 'in [0, 1]'),
             ('--label-smoothing', cfg.label_smoothing, 0 <= cfg.label_smoothing < 1, 'in [0, 1)'),
             ('--rrc-scale-min', cfg.rrc_scale_min, 0 < cfg.rrc_scale_min <= 1, 'in (0, 1]')):
-        if not ok:  # NaN fails every comparison, so it lands here too
-            raise FinetuneError(f'{flag} {value}: must be {valid}')
+        if not (ok and math.isfinite(value)):  # NaN fails every comparison, so it lands here too
+            raise FinetuneError(f'{flag} {value}: must be {valid} and finite')
     if cfg.img_size is not None and cfg.img_size < 8:
         raise FinetuneError(f'--img-size {cfg.img_size}: give the input size in pixels (8 or more), or leave it out '
                             "for the model's default")
@@ -208,7 +208,7 @@ def check_options(cfg: TrainConfig) -> None:
     if cfg.dynamo_backend is not None and cfg.dynamo_backend.upper() not in DynamoBackend.__members__:
         raise FinetuneError(f'--dynamo-backend {cfg.dynamo_backend!r} is not a torch dynamo backend accelerate knows; '
                             f"choose one of {', '.join(b.lower() for b in DynamoBackend.__members__)}")
-    if cfg.color_jitter < 0:
+    if not 0 <= cfg.color_jitter < math.inf:
         raise FinetuneError(f'--color-jitter {cfg.color_jitter}: the jitter strength must be >= 0 (0 turns it off)')
 
 
@@ -280,6 +280,7 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
     if ckpt is not None:
         saved = read_trainer_state(ckpt)
         check_same_model(saved['signature'], json.loads(json.dumps(signature)), ckpt)
+        saved_schedule = scheduler_state(ckpt, saved)
         old_cfg = saved.get('config', {})
         changed = sorted(k for k, v in cfg.to_dict().items()
                          if k not in ('resume', 'output_dir', 'workers', 'log_with') and old_cfg.get(k, v) != v)
@@ -335,10 +336,10 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
 
     start_epoch, global_step, history = 0, 0, []
     if ckpt is not None:
-        older_scheduler = load_checkpoint(accelerator, ckpt)  # model, optimizer and every process's RNG state
+        load_checkpoint(accelerator, ckpt)  # model, optimizer and every process's RNG state
         saved = read_trainer_state(ckpt)
         start_epoch, global_step, history = saved['epoch'] + 1, saved['global_step'], saved['history']
-        scheduler.load_state_dict(saved.get('scheduler', older_scheduler))
+        scheduler.load_state_dict(saved_schedule)
         accelerator.print(f'resumed from {ckpt} (epoch {start_epoch}/{cfg.epochs})')
     if log_with:
         accelerator.init_trackers('tensorboard', config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))

@@ -155,6 +155,9 @@ def test_kernel_build_is_cached_and_failures_fall_back(tmp_path, monkeypatch, ca
     built[0].unlink()
     assert native._build_and_load() is not None  # the rebuild keeps itself and the three newest others
     assert sorted((tmp_path / 'cache' / 'kernels').glob('dropout-*.so')) == sorted([built[0], *stale[:3]])
+    # loading marks a kernel used: the oldest build, once loaded, outlives newer builds at the next prune
+    os.utime(built[0], ns=(mtime - 10 ** 12,) * 2)
+    assert native._build_and_load() is not None and built[0].stat().st_mtime_ns > mtime
     (tmp_path / 'file').write_text('')
     monkeypatch.setenv('TIMM_DROPFIX_CACHE_DIR', str(tmp_path / 'file'))  # mkdir under a file fails
     monkeypatch.setattr(native.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))

@@ -48,9 +48,12 @@ def test_unknown_model(tiny_pets, tmp_path, capsys):
     (('--lr', '-1'), ('--lr -1.0', '> 0')),
     (('--label-smoothing', '1.5'), ('--label-smoothing 1.5', 'in [0, 1)')),
     (('--weight-decay', 'nan'), ('--weight-decay nan', '>= 0')),
+    (('--lr', 'inf'), ('--lr inf', 'finite')),
+    (('--color-jitter', 'nan'), ('--color-jitter nan', '>= 0')),
 ], ids=['cache_smaller_than_input', 'negative_color_jitter', 'unknown_dynamo_backend', 'drop_rate_one',
         'drop_rate_negative', 'branch_rate_nan', 'head_rate_above_one', 'grad_accum_zero', 'batch_size_zero',
-        'epochs_zero', 'img_size_zero', 'lr_negative', 'label_smoothing_above_one', 'weight_decay_nan'])
+        'epochs_zero', 'img_size_zero', 'lr_negative', 'label_smoothing_above_one', 'weight_decay_nan', 'lr_inf',
+        'color_jitter_nan'])
 def test_bad_option(tiny_pets, tmp_path, capsys, extra, says):
     code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', *extra))
     assert code == 2 and all(s in err for s in says)

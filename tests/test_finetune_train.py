@@ -164,9 +164,14 @@ def test_resume_refuses_a_pickle_that_is_not_plain_data(rewritten_run, tiny_pets
     marker = tmp_path / 'ran'
     (ckpt / 'custom_checkpoint_0.pkl').write_bytes(  # a pickle whose loading would call os.system
         b"cos\nsystem\n(V touch " + str(marker).encode() + b"\ntR.")
+    state = json.loads((ckpt / 'trainer_state.json').read_text())
+    del state['scheduler']  # as in an earlier version's checkpoint, whose schedule is in that pickle
+    (ckpt / 'trainer_state.json').write_text(json.dumps(state))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob('*')}
     with pytest.raises(FinetuneError, match='not a plain scheduler state'):
         train(tiny_cfg(tiny_pets, out, rewrite=True, resume='auto'))
     assert not marker.exists()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob('*')} == before  # refused before anything was written
 
 
 def test_compiled_model_exports_plain_weights(tiny_pets, tmp_path, monkeypatch):

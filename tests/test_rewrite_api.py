@@ -9,6 +9,7 @@ import timm
 import torch
 import torchvision
 from safetensors.torch import load_file, save_file
+from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 import timm_dropfix
@@ -72,6 +73,9 @@ def test_torchvision_resnet_with_a_max_pool_is_refused_too():
     model.avgpool = nn.AdaptiveMaxPool2d(1)
     with pytest.raises(ValueError, match="pools with 'max'"):
         timm_dropfix.rewrite(model)
+    model.avgpool = SelectAdaptivePool2d(pool_type='avgmax')
+    with pytest.raises(ValueError, match="pools with 'avgmax'"):
+        timm_dropfix.rewrite(model)
 
 
 def test_a_backbone_inside_a_wrapper_gets_its_head_rewritten(caplog):
@@ -115,6 +119,9 @@ def test_wrappers_are_refused_with_advice():
         timm_dropfix.rewrite(nn.DataParallel(model))
     with pytest.raises(timm_dropfix.UnsupportedModelError, match=r'rewrite\(model._orig_mod'):
         timm_dropfix.rewrite(torch.compile(model))
+    model.compile()  # in place: same class, compiled forward
+    with pytest.raises(timm_dropfix.UnsupportedModelError, match='a model that is compiled'):
+        timm_dropfix.rewrite(model)
 
 
 def test_summary_and_config_are_readable_and_json_ready(caplog):

@@ -82,15 +82,20 @@ def _refuse_wrappers(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f'rewrite got a {name} wrapper. Call rewrite on the bare model before wrapping it (before '
             f'accelerator.prepare / DDP), or pass model.module.')
+    # compiled graphs are traced once with whatever dropout they saw; rewriting first keeps one placement per graph
+    # instead of relying on dynamo's guards to notice swapped classes
     if hasattr(model, '_orig_mod') and 'OptimizedModule' in name:
         raise UnsupportedModelError(
-            'rewrite got a torch.compile wrapper, whose compiled graphs would not see the change. Call '
-            'rewrite(model._orig_mod, ...) and compile again, or better, rewrite before torch.compile.')
-    inner = next((n for n, m in model.named_modules() if n and 'OptimizedModule' in type(m).__name__), None)
+            'rewrite got a torch.compile wrapper. Rewrite the model before compiling it: call '
+            'rewrite(model._orig_mod, ...), then compile again.')
+    inner = next((n for n, m in model.named_modules()
+                  if 'OptimizedModule' in type(m).__name__ or getattr(m, '_compiled_call_impl', None) is not None),
+                 None)
     if inner is not None:
+        what = f"whose '{inner}' is" if inner else 'that is'
         raise UnsupportedModelError(
-            f"rewrite got a model whose '{inner}' is compiled (torch.compile), whose graphs would not see the "
-            'change. Rewrite before compiling.')
+            f'rewrite got a model {what} compiled (torch.compile or Module.compile). Rewrite the model before '
+            'compiling it.')
 
 
 def _drop(rate: float, training: bool) -> nn.Module:
@@ -118,7 +123,10 @@ def _nets(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _pool_type(net: nn.Module) -> Optional[str]:
     if isinstance(net, TvResNet):  # its pool is a module of its own, which a user may have swapped
-        return 'max' if isinstance(net.avgpool, (nn.AdaptiveMaxPool2d, nn.MaxPool2d)) else 'avg'
+        pool = net.avgpool
+        if isinstance(pool, (nn.AdaptiveMaxPool2d, nn.MaxPool2d)):
+            return 'max'
+        return getattr(pool, 'pool_type', 'avg')  # e.g. timm's SelectAdaptivePool2d put there
     pool = net.head.global_pool if _head_kind(net) == 'classifier_head' else getattr(net, 'global_pool', None)
     return getattr(pool, 'pool_type', None)
 
