@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -124,8 +125,6 @@ def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 
         >>> sorted(m)                                                         # doctest: +SKIP
         ['ece', 'mean_class_acc', 'model_dir', 'n', 'n_skipped', 'nll', 'skipped', 'top1', 'top5']
     """
-    import json
-
     import timm
     from accelerate import Accelerator
     from timm.data import create_transform, resolve_data_config

@@ -241,12 +241,20 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
     if cfg.rewrite and cfg.drop_rate:
         _logger.warning('--drop-rate %s is ignored with --rewrite: --head-drop-rate sets the head dropout',
                         cfg.drop_rate)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, log_with=log_with,
-        dynamo_backend=cfg.dynamo_backend,
-        project_dir=str(out),
-        # the shuffle order depends only on (seed, epoch): a resumed run sees the same batches
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, log_with=log_with,
+            dynamo_backend=cfg.dynamo_backend,
+            project_dir=str(out),
+            # the shuffle order depends only on (seed, epoch): a resumed run sees the same batches
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
+    except ValueError as e:
+        if 'already been initialized' not in str(e):
+            raise
+        # accelerate keeps one state per process: an earlier train() here fixed the precision
+        raise FinetuneError(f'--mixed-precision {cfg.mixed_precision}: this process already ran accelerate with '
+                            f'another precision, which it cannot change. Run each precision in its own process (each '
+                            f'`python -m finetune` call is one).') from None
     main = accelerator.is_main_process
     # what `accelerate launch` or the accelerate config chose where the options left it open, so that config.json,
     # the checkpoints' resume check and the model card record what ran
@@ -289,7 +297,7 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
                                 f"run would use {cfg.mixed_precision!r} (from --mixed-precision, accelerate launch or "
                                 f"the accelerate config). Resume with --mixed-precision {old_cfg['mixed_precision']} "
                                 f"(fp16's loss-scaler state exists only in fp16 checkpoints).")
-        restored = [k for k in changed if k in _RESTORED_OPTIONS]
+        restored = [k for k in changed if k in _RESTORED_OPTIONS and (k != 'momentum' or cfg.optimizer == 'sgd')]
         if restored:
             details = ', '.join(f'--{k.replace("_", "-")} {old_cfg[k]!r} -> {getattr(cfg, k)!r}' for k in restored)
             raise FinetuneError(f'--resume restores the optimizer and its learning rates as the checkpoint saved '
@@ -337,7 +345,6 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
     start_epoch, global_step, history = 0, 0, []
     if ckpt is not None:
         load_checkpoint(accelerator, ckpt)  # model, optimizer and every process's RNG state
-        saved = read_trainer_state(ckpt)
         start_epoch, global_step, history = saved['epoch'] + 1, saved['global_step'], saved['history']
         scheduler.load_state_dict(saved_schedule)
         accelerator.print(f'resumed from {ckpt} (epoch {start_epoch}/{cfg.epochs})')

@@ -140,3 +140,17 @@ def test_imagefolder_missing_split(tmp_path, capsys):
     (tmp_path / 'imgs' / 'train' / 'cat').mkdir(parents=True)
     code, err = run_cli(capsys, '--dataset', 'imagefolder', *tiny_args(tmp_path / 'imgs', tmp_path / 'out'))
     assert code == 2 and 'val' in err
+
+
+def test_a_second_precision_in_one_process_is_a_clear_error(tiny_pets, tmp_path, capsys):
+    """accelerate fixes the precision once per process (train() called again from a notebook, say)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()
+    try:
+        Accelerator(mixed_precision='no')
+        code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--mixed-precision', 'bf16'))
+    finally:
+        AcceleratorState._reset_state()
+    assert code == 2 and 'another precision' in err and 'its own process' in err
+    assert not (tmp_path / 'out').exists()
