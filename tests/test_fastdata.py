@@ -239,7 +239,8 @@ def test_eval_matches_timm_pil_transform_on_real_image(shared_dir, tmp_path):
 def test_fast_loader_batches_and_workers(tmp_path):
     samples = _write_images(tmp_path / 'img', 10)
     ds = CachedDataset(build_cache(samples, 16, tmp_path / 'cache', num_workers=0).path)
-    pickle.loads(pickle.dumps(ds))  # workers receive a pickled dataset (without the memory map)
+    clone = pickle.loads(pickle.dumps(ds))  # workers receive a pickled dataset (without the memory map)
+    assert len(clone) == len(ds) and torch.equal(clone[3][0], ds[3][0]) and clone[3][1] == ds[3][1]
     in_proc = list(make_fast_loader(ds, 4, shuffle=True, num_workers=0, seed=3))
     same = list(make_fast_loader(ds, 4, shuffle=True, num_workers=0, seed=3))
     assert [b[1].tolist() for b in in_proc] == [b[1].tolist() for b in same]

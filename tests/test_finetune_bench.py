@@ -46,7 +46,11 @@ def test_bench_grid_and_resume(tiny_pets, tmp_path):
     c = saved['comparisons']['recommended']['top1']
     seeds_of = {name: saved['variants'][name]['seeds'] for name in variants}
     per_seed = [seeds_of['recommended'][s]['top1'] - seeds_of['timm_default'][s]['top1'] for s in ('0', '1')]
-    assert c['n'] == 2 and c['diffs'] == pytest.approx(per_seed) and c['ci95'][0] <= c['mean'] <= c['ci95'][1]
+    assert c['n'] == 2 and c['diffs'] == pytest.approx(per_seed)
+    mean, sd = sum(per_seed) / 2, abs(per_seed[0] - per_seed[1]) / math.sqrt(2)  # sample std of two values
+    half = 12.7062 * sd / math.sqrt(2)  # Student's t, 1 degree of freedom, 97.5 %
+    assert c['mean'] == pytest.approx(mean)
+    assert c['ci95'] == pytest.approx([mean - half, mean + half], rel=1e-5, abs=1e-9)
     md = (out / 'results.md').read_text()
     assert '| recommended |' in md and '(baseline)' in md and '+-' in md
     assert (out / 'results.png').stat().st_size > 1000

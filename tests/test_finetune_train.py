@@ -74,7 +74,10 @@ def test_outputs_and_load_back(rewritten_run, tiny_pets):
     # a random init: no tag, origin, paper or licence of timm's default resnet18 weights
     assert not {'tag', 'origin_url', 'paper_ids', 'license'} & pcfg.keys(), pcfg
     card = (model_dir / 'README.md').read_text()
-    assert 'library_name: timm' in card and 'model-index' in card and f"{saved['top1']:.4f}" in card
+    assert 'library_name: timm' in card and 'model-index' in card
+    results = card.split('| metric | value |', 1)[1].split('\n\n', 1)[0]  # the card's Results table
+    for k in ('top1', 'top5', 'mean_class_acc', 'nll', 'ece'):
+        assert f"| {k} | {saved[k]:.4f} |" in results, (k, results)
 
     # a user's reload with timm's own transforms reproduces the reported accuracy, dropout placement included
     split = load_samples('pets', str(tiny_pets))
