@@ -156,9 +156,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--fast-dropout', dest='fast_dropout', action=argparse.BooleanOptionalAction,
                    default=d.fast_dropout,
                    help="eager training: timm_dropfix's fused dropout kernels (C on CPUs, Triton on CUDA GPUs; same "
-                        "distribution; on CPUs a fraction of the time and memory of torch's kernel); --no-fast-dropout: "
-                        "torch's kernel; neither: on unless TIMM_DROPFIX_FAST_DROPOUT=0. No effect under "
-                        "--dynamo-backend (the compiled graph has its own dropout)")
+                        "distribution; on CPUs a fraction of the time and memory of torch's kernel); "
+                        "--no-fast-dropout: torch's kernel; neither: on unless TIMM_DROPFIX_FAST_DROPOUT=0. No effect "
+                        "under --dynamo-backend (the compiled graph has its own dropout)")
     g.add_argument('--branch-drop-rate', type=float, default=d.branch_drop_rate)
     g.add_argument('--head-drop-rate', type=float, default=d.head_drop_rate)
     g.add_argument('--branch-position', choices=BRANCH_POSITIONS, default=d.branch_position)
