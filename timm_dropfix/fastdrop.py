@@ -150,8 +150,7 @@ def fast_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tens
         >>> abs((y == 0).float().mean().item() - 0.25) < 0.03, y.unique().tolist()
         (True, [0.0, 1.3333333730697632])
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f'dropout rate must be in [0, 1), got {p}: pass a rate like 0.1')
+    _check_p(p)
     if not _fast_path(x) or x.numel() == 0:
         return F.dropout(x, p, training=True, inplace=inplace)
     launch = _launcher(x)
@@ -179,8 +178,7 @@ def fast_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace:
         >>> sorted(y.unique().tolist())
         [1.0, 3.0]
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f'dropout rate must be in [0, 1), got {p}: pass a rate like 0.1')
+    _check_p(p)
     fused = _dropout_add(x, shortcut, p, inplace) if _fast_path(x) else None
     if fused is not None:
         return fused
@@ -199,6 +197,11 @@ def _dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace: boo
         return None
     launch = _launcher(x)
     return None if launch is None else _FusedDropout.apply(x, _draw_seed(), t, inplace, launch, shortcut)
+
+
+def _check_p(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f'dropout rate must be in [0, 1), got {p}: pass a rate like 0.1')
 
 
 def _threshold(p: float) -> Optional[int]:
