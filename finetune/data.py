@@ -60,20 +60,26 @@ def pets_samples(data_dir: str | Path, split: str, download: bool = False) -> tu
 
 def imagefolder_samples(data_dir: str | Path) -> tuple[list[Sample], list[Sample], list[str]]:
     """``DIR/train`` and ``DIR/val`` in torchvision ImageFolder layout; both must have the same classes."""
-    from torchvision.datasets import ImageFolder
     root = Path(data_dir)
     for sub in ('train', 'val'):
         if not (root / sub).is_dir():
             raise FinetuneError(f'--dataset imagefolder needs {root}/{sub}/<class>/<image> folders; '
                                 f'{root / sub} does not exist. Point --data-dir at the folder holding train/ and val/.')
+    (train, classes), (val, val_classes) = _image_folder(root / 'train'), _image_folder(root / 'val')
+    if classes != val_classes:
+        raise FinetuneError(f'{root}/train and {root}/val hold different class folders: '
+                            f'{sorted(set(classes) ^ set(val_classes))}')
+    return train, val, classes
+
+
+def _image_folder(root: Path) -> tuple[list[Sample], list[str]]:
+    """The samples and class names of one torchvision ImageFolder."""
+    from torchvision.datasets import ImageFolder
     try:
-        train, val = ImageFolder(str(root / 'train')), ImageFolder(str(root / 'val'))
+        folder = ImageFolder(str(root))
     except (FileNotFoundError, RuntimeError) as e:
         raise FinetuneError(f'no images found in {root}: {e}') from None
-    if train.classes != val.classes:
-        raise FinetuneError(f'{root}/train and {root}/val hold different class folders: '
-                            f'{sorted(set(train.classes) ^ set(val.classes))}')
-    return [(p, int(y)) for p, y in train.samples], [(p, int(y)) for p, y in val.samples], list(train.classes)
+    return [(p, int(y)) for p, y in folder.samples], list(folder.classes)
 
 
 def eval_samples(dataset: str, data_dir: str | Path) -> tuple[list[Sample], list[str], list[str]]:
@@ -87,15 +93,10 @@ def eval_samples(dataset: str, data_dir: str | Path) -> tuple[list[Sample], list
     if dataset == 'pets':
         samples, classes = pets_samples(data_dir, 'test', False)
     elif dataset == 'imagefolder':
-        from torchvision.datasets import ImageFolder
         root = Path(data_dir) / 'val'
         if not root.is_dir():
             raise FinetuneError(f'--dataset imagefolder evaluates {root}/<class>/<image>; {root} does not exist')
-        try:
-            folder = ImageFolder(str(root))
-        except (FileNotFoundError, RuntimeError) as e:
-            raise FinetuneError(f'no images found in {root}: {e}') from None
-        samples, classes = [(p, int(y)) for p, y in folder.samples], list(folder.classes)
+        samples, classes = _image_folder(root)
     else:
         raise FinetuneError(f"unknown --dataset {dataset!r}: use 'pets' or 'imagefolder'")
     samples, skipped = check_images(samples)

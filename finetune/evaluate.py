@@ -63,6 +63,16 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, num_clas
     )
 
 
+def format_metrics(m: dict) -> str:
+    """One line of the reported metrics, as ``finetune train`` and ``finetune eval`` print them.
+
+    Example:
+        >>> format_metrics(dict(top1=0.5, top5=1.0, mean_class_acc=0.5, nll=0.7, ece=0.1))
+        'top1 0.5000  top5 1.0000  mean_class_acc 0.5000  nll 0.7000  ece 0.1000'
+    """
+    return '  '.join(f'{k} {m[k]:.4f}' for k in ('top1', 'top5', 'mean_class_acc', 'nll', 'ece'))
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable, accelerator=None,
             transform=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,13 +143,9 @@ def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 
 
     from .data import ImageListDataset, eval_samples
     from .errors import FinetuneError
-    from .hub import REQUIRED
+    from .hub import check_model_folder
 
-    folder = Path(model_dir)
-    missing = [f for f in REQUIRED if not (folder / f).is_file()]
-    if missing:
-        raise FinetuneError(f'{folder} lacks {", ".join(missing)}: pass the model/ folder written by '
-                            f'`finetune train` (or any timm save_for_hf folder)')
+    folder = check_model_folder(model_dir)
     if batch_size < 1:
         raise FinetuneError(f'--batch-size {batch_size}: must be 1 or more')
     samples, classes, skipped = eval_samples(dataset, data_dir)
@@ -164,9 +170,7 @@ def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 
                    n_skipped=len(skipped), skipped=skipped)
     if accelerator.is_main_process:
         unreadable = f', {len(skipped)} unreadable skipped' if skipped else ''
-        accelerator.print(f"{folder}: top1 {metrics['top1']:.4f}  top5 {metrics['top5']:.4f}  mean_class_acc "
-                          f"{metrics['mean_class_acc']:.4f}  nll {metrics['nll']:.4f}  ece {metrics['ece']:.4f}  "
-                          f"({metrics['n']} images{unreadable})")
+        accelerator.print(f"{folder}: {format_metrics(metrics)}  ({metrics['n']} images{unreadable})")
         if output is not None:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text(json.dumps(metrics, indent=2))

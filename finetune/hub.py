@@ -66,6 +66,26 @@ def stage(folder: str | Path, dest: str | Path, repo_id: str | None = None,
     return sorted(p.name for p in dest.iterdir())
 
 
+def check_model_folder(folder: str | Path) -> Path:
+    """``folder`` as a Path if it is a save_for_hf model folder (config.json + model.safetensors), else a
+    FinetuneError that says which file is missing.
+
+    Example:
+        >>> check_model_folder('no/such/folder')
+        Traceback (most recent call last):
+        ...
+        finetune.errors.FinetuneError: no/such/folder is not a folder; pass the model/ folder ...
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FinetuneError(f'{folder} is not a folder; pass the model/ folder written by `finetune train`')
+    missing = [f for f in REQUIRED if not (folder / f).is_file()]
+    if missing:
+        raise FinetuneError(f'{folder} lacks {", ".join(missing)}: not a save_for_hf model folder '
+                            f'(pass RUN_DIR/model from `finetune train`)')
+    return folder
+
+
 def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool = False,
          dry_run_dir: str | Path | None = None, bench_results: str | Path | None = None,
          commit_message: str | None = None, revision: str | None = None,
@@ -76,13 +96,7 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
     Returns the uploaded (or staged) file names.
     """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FinetuneError(f'{folder} is not a folder; pass the model/ folder written by `finetune train`')
-    missing = [f for f in REQUIRED if not (folder / f).is_file()]
-    if missing:
-        raise FinetuneError(f'{folder} lacks {", ".join(missing)}: not a save_for_hf model folder '
-                            f'(pass RUN_DIR/model from `finetune train`)')
+    folder = check_model_folder(folder)
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:

@@ -44,7 +44,7 @@ from .checkpoint import (check_same_model, find_checkpoint, load_checkpoint, rea
                          scheduler_state, write_text_atomic)
 from .config import TrainConfig
 from .errors import FinetuneError
-from .evaluate import classification_metrics, plot_confusion_matrix, predict
+from .evaluate import classification_metrics, format_metrics, plot_confusion_matrix, predict
 from .modeling import build_model, export_model, param_groups
 
 _logger = logging.getLogger(__name__)
@@ -434,9 +434,7 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
         plot_confusion_matrix(eval_logits, eval_targets, split.classes, out / 'confusion_matrix.png',
                               title=f"{cfg.model} top-1 {final['top1']:.3f}")
         write_text_atomic(out / 'metrics.json', json.dumps(metrics, indent=2))
-        accelerator.print(f"done: top1 {final['top1']:.4f}  top5 {final['top5']:.4f}  mean_class_acc "
-                          f"{final['mean_class_acc']:.4f}  nll {final['nll']:.4f}  ece {final['ece']:.4f}  "
-                          f"-> {out}/metrics.json, {model_dir}")
+        accelerator.print(f'done: {format_metrics(final)}  -> {out}/metrics.json, {model_dir}')
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
