@@ -417,7 +417,8 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
                 'overhead_mean_ci95': [ci['ci_low'], ci['ci_high']] if len(ratios) > 1 else None,
                 'wall_overhead_median': statistics.median(wall_ratios)}
 
-    out = {'model': model, 'size': size, 'batch': batch, 'timer': 'process CPU time' if device.type == 'cpu' else 'wall (synced)',
+    out = {'model': model, 'size': size, 'batch': batch,
+           'timer': 'process CPU time' if device.type == 'cpu' else 'wall (synced)',
            'compile_backend': compile_backend, 'warmup_s': warm_s,
            'step_s': {k: summary(v) for k, v in times.items()},
            'step_wall_s': {k: summary(v) for k, v in wall.items()}, **overhead('dropfix'),
@@ -439,12 +440,11 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
 def dropout_call_share(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, Any]:
     """Share of each CPU step spent inside the fused dropout's own calls (forward and backward of
     ``timm_dropfix.fastdrop._FusedDropout``, with or without the residual addition, and ``_FusedReluDropout``:
-    output allocation, seed, kernel), in process CPU time and in wall time. A direct estimate of the dropout's cost that other tenants
-    of the machine disturb far less than the difference of two noisy step times; it leaves out indirect costs
-    (caches the dropout evicts), and
-    it includes the residual additions fused into post-activation branch-end dropouts and the ReLUs fused into
-    pre-activation ones (which the model without dropout runs too), so it overstates the dropout's own share by
-    their time."""
+    output allocation, seed, kernel), in process CPU time and in wall time. A direct estimate of the dropout's
+    cost that other tenants of the machine disturb far less than the difference of two noisy step times; it leaves
+    out indirect costs (caches the dropout evicts), and it includes the residual additions fused into
+    post-activation branch-end dropouts and the ReLUs fused into pre-activation ones (which the model without
+    dropout runs too), so it overstates the dropout's own share by their time."""
     from timm_dropfix import fastdrop
     functions = (fastdrop._FusedDropout, fastdrop._FusedReluDropout)
     spent = {'cpu': 0.0, 'wall': 0.0, 'calls': 0}
