@@ -141,9 +141,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> BuiltModel:
             model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
             license = license or overlay.get('license')
             notes.append(f'initialised from {cfg.pretrained_file}')
+            source = folder_cfg.get('pretrained_cfg', {})
         else:
             name = arch if cfg.v1_strides else cfg.model  # keep a pretrained tag ('resnet50.a1_in1k') if given
             model = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
+            source = model.pretrained_cfg if cfg.pretrained else None
             if cfg.pretrained:
                 license = license or model.pretrained_cfg.get('license')
                 base_model = base_model or model.pretrained_cfg.get('hf_hub_id')
@@ -152,8 +154,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> BuiltModel:
     except Exception as e:  # torch/safetensors/timm raise many types for bad weights; all mean the same here
         src = cfg.pretrained_file or ("timm's pretrained weights" if cfg.pretrained else 'random init')
         raise FinetuneError(f'could not build {arch!r} from {src}: {type(e).__name__}: {str(e)[:500]}') from None
-    _describe_source(model, folder_cfg.get('pretrained_cfg', {}) if cfg.pretrained_file else
-                     None if not cfg.pretrained else model.pretrained_cfg)
+    _describe_source(model, source)
 
     dropfix = None
     if cfg.rewrite:
