@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -360,8 +360,12 @@ def step_peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+DROPOUT_ARMS = ('dropfix_torch_kernel', 'mask_only')  # measure_dropfix_time's arms besides the two compared
+
+
 def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int,
-                         compile_backend: Optional[str] = None, model: str = 'resnet50') -> dict[str, Any]:
+                         compile_backend: Optional[str] = None, model: str = 'resnet50',
+                         arms: Sequence[str] = DROPOUT_ARMS) -> dict[str, Any]:
     """Step time of ``model`` (a timm name; resnet50 by default) without dropout vs with the recommended placement,
     on the same fixed batch, in interleaved rounds (order alternating), all in the toolkit configuration.
 
@@ -374,13 +378,18 @@ def measure_dropfix_time(size: int, batch: int, device: torch.device, pairs: int
     less than wall time; wall times are recorded too. On CUDA, synchronized wall time, and each step's peak
     memory above what was resident before it. ``compile_backend``: only ``no_dropout`` and ``dropfix``, both
     through ``torch.compile`` with that backend first (what ``finetune train --dynamo-backend`` does), which can
-    fuse the dropout into its neighbours.
+    fuse the dropout into its neighbours. ``arms``: which of :data:`DROPOUT_ARMS` to run besides the two
+    compared (fewer arms: more rounds in the same time).
     """
+    unknown = set(arms) - set(DROPOUT_ARMS)
+    if unknown:
+        raise ValueError(f'unknown dropout arms {sorted(unknown)}; choose from {list(DROPOUT_ARMS)}')
     torch.manual_seed(0)
     off = make_model(model, device, toolkit=True, dropout=False)
     models = {'no_dropout': (off, None), 'dropfix': (make_model(model, device, toolkit=True, dropout=True), None)}
-    if not compile_backend:
+    if not compile_backend and 'dropfix_torch_kernel' in arms:
         models['dropfix_torch_kernel'] = (make_model(model, device, toolkit=True, dropout=True), False)
+    if not compile_backend and 'mask_only' in arms:
         models['mask_only'] = (with_fixed_masks(make_model(model, device, toolkit=True, dropout=True)), None)
     trainers = {}
     for k, (m, fast) in models.items():
