@@ -76,6 +76,11 @@ def kernels(device: str = 'cpu') -> dict[str, Callable[[torch.Tensor], torch.Ten
         'add': lambda x: x + shortcut_of(x),
         'fused_inplace_then_add': lambda x: timm_dropfix.fast_dropout(x, P, inplace=True) + shortcut_of(x),
         'fused_add_inplace': lambda x: timm_dropfix.fast_dropout_add(x, shortcut_of(x), P, inplace=True),
+        # the same with the block's ReLU after the addition: in place after it (the model without dropout), and
+        # in the same pass (dropfix blocks where the activation is a plain ReLU)
+        'add_relu': lambda x: torch.relu_(x.add_(shortcut_of(x))),
+        'fused_add_relu_inplace': lambda x: timm_dropfix.fast_dropout_add(x, shortcut_of(x), P, inplace=True,
+                                                                          relu=True),
         # before a pre-activation branch's last conv: the BN-ReLU's in-place ReLU alone (the model without dropout),
         # then the dropout as a module would run it, and the two in one pass into the BN output (dropfix blocks)
         'relu': lambda x: torch.relu_(x),

@@ -136,6 +136,46 @@ def test_fused_kernel_keeps_nothing_for_backward_and_recomputes_the_mask_in_any_
     assert torch.isnan(timm_dropfix.fast_dropout(nan, 0.5)).all()
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('inplace', [False, True])
+def test_fused_dropout_add_relu_is_bit_identical_to_the_three_steps(dtype, inplace):
+    """relu(dropout(x) + shortcut) in one pass: the same values (NaN and -0.0 included, as torch's ReLU keeps them)
+    and the same gradients for x and the shortcut as the three steps under the same seed, in either memory layout;
+    backward keeps only the output (which the ReLU module keeps too); twice differentiable."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 9, 9, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    s = torch.randn(4, 16, 9, 9, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x[0, :6, 0, 0] = torch.tensor([float('nan'), -0.0, -0.0, 0.0, float('inf'), -float('inf')], dtype=dtype)
+    s[0, :6, 0, 0] = torch.tensor([1.0, -0.0, 0.0, -0.0, 1.0, 1.0], dtype=dtype)
+    outs, grads = {}, {}
+    g = torch.randn(x.shape, dtype=dtype)
+    for route in ('fused', 'steps'):
+        xr, sr = x.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        xi, si = xr * 1, sr * 1  # non-leaf inputs, which the in-place form may overwrite
+        packed = []
+        torch.manual_seed(7)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            if route == 'fused':
+                y = timm_dropfix.fast_dropout_add(xi, si, 0.3, inplace=inplace, relu=True)
+            else:
+                y = torch.relu(timm_dropfix.fast_dropout(xi, 0.3, inplace=inplace) + si)
+        if route == 'fused':
+            assert len(packed) == 1 and packed[0] is y and type(y.grad_fn).__name__ == '_FusedDropoutBackward'
+            assert (y.data_ptr() == xi.data_ptr()) == inplace
+        y.backward(g)
+        outs[route], grads[route] = y.detach(), (xr.grad, sr.grad)
+    assert torch.equal(outs['fused'].signbit(), outs['steps'].signbit())
+    torch.testing.assert_close(outs['fused'], outs['steps'], rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(grads['fused'], grads['steps']):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert (outs['fused'][~outs['fused'].isnan()] >= 0).all()
+    kernel = fastdrop._native.dropout_into
+    seeded = lambda a, b: fastdrop._FusedDropout.apply(a, 99, round(0.3 * 2 ** 32), False, kernel, b, True)
+    small = (torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True),
+             torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(seeded, small) and torch.autograd.gradgradcheck(seeded, small)
+
+
 def test_kernel_build_is_cached_and_failures_fall_back(tmp_path, monkeypatch, caplog):
     """The kernel is built into the cache folder and loaded from there; a compiler that fails leaves a warning
     with the reason and no library (fast_dropout then takes the torch-ops path); an unwritable cache folder falls
@@ -356,6 +396,8 @@ def test_branch_end_dropout_fused_with_the_residual_add_is_bit_identical(name):
             outs[key].sum().backward()
         n_blocks = sum(1 for b in m.modules() if timm_dropfix.is_dropfix_block(b))
         assert spy.call_count == (n_blocks if key == 'fused' else 0)
+        if key == 'fused':  # every block's activation after the addition (a ReLU) ran in the same pass
+            assert all(c.args[4] is True for c in spy.call_args_list)
     assert torch.equal(outs['fused'], outs['steps'])
     for (k, a), b in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(a.grad, b.grad), k
@@ -368,6 +410,27 @@ def test_branch_end_dropout_fused_with_the_residual_add_is_bit_identical(name):
     with mock.patch.object(fastdrop, '_dropout_add', wraps=fastdrop._dropout_add) as spy:
         with_drop_path(x)
     assert spy.call_count == plain
+
+
+def test_block_activation_is_fused_only_when_it_is_a_plain_relu():
+    """A GELU after the addition, or a hook on the ReLU, keeps the dropout and the addition fused but runs the
+    activation module itself (so the hook sees it); the numbers are those of the unfused steps."""
+    import copy
+    x = torch.randn(2, 3, 32, 32)
+    gelu = timm_dropfix.rewrite(timm.create_model('resnet18', num_classes=5, act_layer='gelu')).train()
+    hooked = timm_dropfix.rewrite(timm.create_model('resnet18', num_classes=5)).train()
+    seen = []
+    hooked.layer1[0].act2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    for model, fused_relus in ((gelu, 0), (hooked, 7)):
+        twin = copy.deepcopy(model)
+        torch.manual_seed(0)
+        with mock.patch.object(fastdrop, '_dropout_add', wraps=fastdrop._dropout_add) as spy:
+            out = model(x)
+        assert spy.call_count == 8 and sum(c.args[4] for c in spy.call_args_list) == fused_relus
+        torch.manual_seed(0)
+        with mock.patch('timm_dropfix.blocks.run_dropout_add', lambda *args: None):
+            assert torch.equal(out, twin(x))
+    assert seen == [(2, 64, 8, 8)] * 2  # the hooked model's forward and its twin's
 
 
 @pytest.mark.parametrize('name', ['preresnet18_dropfix', 'preresnet50_dropfix'])

@@ -143,6 +143,26 @@ def test_branch_end_dropout_runs_in_place_in_a_dropfix_model():
     fused = timm_dropfix.fast_dropout_add(branch, shortcut, 0.3)
     torch.manual_seed(1)
     torch.testing.assert_close(fused, timm_dropfix.fast_dropout(branch, 0.3) + shortcut)
+    branch.view(-1)[:3] = torch.tensor([float('nan'), -1e6, 0.0])
+    for dtype in (torch.float32, torch.bfloat16):  # with the block's ReLU on the sum: the same up to that rounding
+        b = branch.to(dtype, copy=True).requires_grad_(True)
+        s = shortcut.to(dtype, copy=True).requires_grad_(True)
+        torch.manual_seed(2)
+        fused = timm_dropfix.fast_dropout_add(b * 1, s * 1, 0.3, relu=True)
+        fused.sum().backward()
+        grads = (b.grad, s.grad)
+        b.grad = s.grad = None
+        torch.manual_seed(2)
+        steps = torch.relu(timm_dropfix.fast_dropout(b * 1, 0.3) + s * 1)
+        steps.sum().backward()
+        torch.testing.assert_close(fused, steps, equal_nan=True, atol=0.05 if dtype == torch.bfloat16 else 1e-5,
+                                   rtol=0.016 if dtype == torch.bfloat16 else 1e-5)
+        # where the one rounding puts a sum near 0 on the other side of the ReLU, the gradient there differs
+        same_side = (fused > 0) == (steps > 0)
+        assert same_side.float().mean() > 0.99
+        assert torch.equal(grads[0][same_side], b.grad[same_side])
+        assert torch.equal(grads[1][same_side], s.grad[same_side])
+        assert fused[0, 1] == 0 and fused.isnan()[0, 0]
 
 
 def test_preact_bn_relu_and_dropout_fused():

@@ -152,8 +152,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, real in (('tdf_dropout_f32', ctypes.c_float), ('tdf_dropout_f64', ctypes.c_double)):
         tail = [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, real, ctypes.c_int]
         # the pointers: x, then add's (the _add forms), then out's (all but the _inplace forms)
-        for suffix, pointers in (('', 2), ('_inplace', 1), ('_add', 3), ('_add_inplace', 2), ('_relu', 2),
-                                 ('_relu_inplace', 1)):
+        for suffix, pointers in (('', 2), ('_inplace', 1), ('_add', 3), ('_add_inplace', 2), ('_add_relu', 3),
+                                 ('_add_relu_inplace', 2), ('_relu', 2), ('_relu_inplace', 1)):
             fn = getattr(lib, name + suffix)
             fn.argtypes = [ctypes.c_void_p] * pointers + tail
             fn.restype = None
@@ -164,7 +164,7 @@ def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: f
                  add: Optional[torch.Tensor] = None, relu: bool = False) -> None:
     """Run the kernel over ``x``'s memory into ``out``'s: both dense CPU float32/float64 tensors with equal strides,
     or ``out`` is ``x`` (in place). ``add`` (the same layout, another storage) is added in the same pass; ``relu``
-    applies a ReLU to ``x`` first (not with ``add``). The caller (:mod:`timm_dropfix.fastdrop`) checks that and that
+    applies a ReLU to ``x`` first, or with ``add`` to the sum (a post-activation block's activation). The caller (:mod:`timm_dropfix.fastdrop`) checks that and that
     :func:`load` returned a library.
 
     Example:

@@ -9,7 +9,8 @@ stored but the seed: the backward pass runs the same kernel on the gradient. The
 elements as four contiguous quarters, and quarter ``k`` uses word ``k`` of the counter ``program * BLOCK / 4 + j``,
 so every load and store stays coalesced and an element's mask depends only on the seed and its index. With ``add``
 the same pass also adds a second tensor (the residual shortcut after a branch-end dropout); with ``relu`` it applies
-a ReLU first (the BN-ReLU before a pre-activation branch's last conv).
+a ReLU first (the BN-ReLU before a pre-activation branch's last conv), or with ``add`` to the sum (a post-activation
+block's activation after its residual addition).
 """
 from __future__ import annotations
 
@@ -29,13 +30,15 @@ _MASK31 = (1 << 31) - 1
 def _quarter(x_ptr, add_ptr, out_ptr, offs, n, word, t_signed, scale, HAS_ADD: tl.constexpr, RELU: tl.constexpr):
     inside = offs < n
     x = tl.load(x_ptr + offs, mask=inside).to(tl.float32)
-    if RELU:
+    if RELU and not HAS_ADD:
         x = tl.where(x < 0, 0.0, x)  # NaN stays NaN, as through torch's ReLU
     # unsigned word >= t, compared as signed 32-bit integers after flipping the top bit of both sides
     keep = (word ^ 0x80000000).to(tl.int32, bitcast=True) >= t_signed
     y = x * tl.where(keep, scale, 0.0)
     if HAS_ADD:
         y += tl.load(add_ptr + offs, mask=inside).to(tl.float32)
+        if RELU:  # the block's activation after the residual addition
+            y = tl.where(y < 0, 0.0, y)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -60,7 +63,7 @@ def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: f
     """Write the dropout of ``x`` (dense, same strides as ``out``; ``out`` may be ``x``) into ``out``: elements whose
     word for ``seed`` is below ``t`` (of ``2**32``) become 0, the others are multiplied by ``scale``. ``add`` (the
     same layout) is added in the same pass, in float32 before the one rounding to the output dtype; ``relu``
-    applies a ReLU to ``x`` first.
+    applies a ReLU to ``x`` first, or with ``add`` to the sum.
 
     Example:
         >>> import torch

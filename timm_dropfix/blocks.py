@@ -53,12 +53,13 @@ class DropfixBlockMixin:
         return self._d(norm(x), here)
 
     def _end(self, x: torch.Tensor, shortcut: torch.Tensor, producer: nn.Module, drop_path: Optional[nn.Module],
-             inplace_add: bool) -> torch.Tensor:
-        # a post-activation branch's end: the dropout when placed here, drop_path, then the residual addition (into
-        # x where the original block adds in place). Without a drop_path in between, the dropout and the addition
-        # run as one pass of the fused kernel where run_dropout_add applies: the same numbers, one pass less.
+             inplace_add: bool, act: nn.Module) -> torch.Tensor:
+        # a post-activation branch's end: the dropout when placed here, drop_path, the residual addition (into x
+        # where the original block adds in place), then the block's activation. Without a drop_path in between,
+        # the dropout, the addition and a ReLU run as one pass of the fused kernel where run_dropout_add applies:
+        # the same numbers, two passes less.
         if self.branch_drop_at == 'branch_end' and (drop_path is None or isinstance(drop_path, nn.Identity)):
-            fused = run_dropout_add(self.branch_drop, x, shortcut, producer)
+            fused = run_dropout_add(self.branch_drop, x, shortcut, producer, act)
             if fused is not None:
                 return fused
         x = self._d(x, 'branch_end', producer)
@@ -66,8 +67,9 @@ class DropfixBlockMixin:
             x = drop_path(x)
         if inplace_add:
             x += shortcut
-            return x
-        return x + shortcut
+        else:
+            x = x + shortcut
+        return act(x)
 
 
 class DropfixPreActBasic(DropfixBlockMixin, timm_resnetv2.PreActBasic):
@@ -125,8 +127,8 @@ class DropfixV2Bottleneck(DropfixBlockMixin, timm_resnetv2.Bottleneck):
         x = self.norm2(self._d(self.conv2(x), 'after_conv2'))
         x = self._d(x, 'before_last_conv')
         x = self.norm3(self._d(self.conv3(x), 'after_conv3'))
-        x = self._end(x, shortcut, self.norm3, self.drop_path, inplace_add=False)
-        return self._d(self.act3(x), 'after_add')
+        x = self._end(x, shortcut, self.norm3, self.drop_path, inplace_add=False, act=self.act3)
+        return self._d(x, 'after_add')
 
 
 class DropfixBasicBlock(DropfixBlockMixin, timm_resnet.BasicBlock):
@@ -147,8 +149,8 @@ class DropfixBasicBlock(DropfixBlockMixin, timm_resnet.BasicBlock):
             x = self.se(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        x = self._end(x, shortcut, self.bn2 if self.se is None else self.se, self.drop_path, inplace_add=True)
-        x = self.act2(x)
+        x = self._end(x, shortcut, self.bn2 if self.se is None else self.se, self.drop_path, inplace_add=True,
+                      act=self.act2)
         return self._d(x, 'after_add')
 
 
@@ -172,8 +174,8 @@ class DropfixBottleneck(DropfixBlockMixin, timm_resnet.Bottleneck):
             x = self.se(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        x = self._end(x, shortcut, self.bn3 if self.se is None else self.se, self.drop_path, inplace_add=True)
-        x = self.act3(x)
+        x = self._end(x, shortcut, self.bn3 if self.se is None else self.se, self.drop_path, inplace_add=True,
+                      act=self.act3)
         return self._d(x, 'after_add')
 
 
@@ -190,8 +192,7 @@ class DropfixTvBasicBlock(DropfixBlockMixin, tv_resnet.BasicBlock):
         out = self.bn2(self._d(self.conv2(out), 'after_conv2'))
         if self.downsample is not None:
             identity = self.downsample(x)
-        out = self._end(out, identity, self.bn2, None, inplace_add=True)
-        out = self.relu(out)
+        out = self._end(out, identity, self.bn2, None, inplace_add=True, act=self.relu)
         return self._d(out, 'after_add')
 
 
@@ -209,8 +210,7 @@ class DropfixTvBottleneck(DropfixBlockMixin, tv_resnet.Bottleneck):
         out = self.bn3(self._d(self.conv3(out), 'after_conv3'))
         if self.downsample is not None:
             identity = self.downsample(x)
-        out = self._end(out, identity, self.bn3, None, inplace_add=True)
-        out = self.relu(out)
+        out = self._end(out, identity, self.bn3, None, inplace_add=True, act=self.relu)
         return self._d(out, 'after_add')
 
 

@@ -11,7 +11,7 @@ two halves of SplitMix64 hashes of the seed and the element's index (one hash pe
 under ``torch.manual_seed`` and independent of the thread count, and the backward pass recomputes the mask from the
 seed: nothing but the seed is kept for it. At the end of a post-activation branch the blocks let it overwrite the BN
 or SE output it drops (see :func:`run_dropout`), so it allocates nothing there either, and add the residual shortcut
-in the same pass (:func:`fast_dropout_add`, :func:`run_dropout_add`); before a pre-activation branch's last conv
+and apply the block's ReLU in the same pass (:func:`fast_dropout_add`, :func:`run_dropout_add`); before a pre-activation branch's last conv
 they run the BN's ReLU and the dropout as one pass (:func:`run_norm_act_dropout`). Where no C compiler is
 available, a torch-ops path draws 16 random bits per element (four lanes of one 64-bit draw of torch's generator,
 ``p`` rounded to a multiple of 1/65536) and keeps a float mask, like torch's kernel.
@@ -165,28 +165,35 @@ def fast_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tens
     return _WordDropout.apply(x, t)
 
 
-def fast_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
+def fast_dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace: bool = False,
+                     relu: bool = False) -> torch.Tensor:
     """``fast_dropout(x, p, inplace) + shortcut`` in one pass of the fused kernel: the end of a residual branch
     whose dropout sits just before the addition. The same numbers as the two steps (on the CPU bit for bit; on
     CUDA the sum is rounded once), and the backward recomputes the mask as :func:`fast_dropout` does. ``inplace``
-    writes the sum into ``x``. Where the kernel does not apply (see :func:`fast_dropout`; also a ``shortcut`` of
-    another shape, dtype, device or memory layout) it runs the two steps.
+    writes the sum into ``x``. ``relu`` also applies a ReLU to the sum in the same pass (the activation that a
+    post-activation block runs after its addition; backward then keeps the output, as the ReLU would). Where the
+    kernel does not apply (see :func:`fast_dropout`; also a ``shortcut`` of another shape, dtype, device or memory
+    layout) it runs the steps one by one.
 
     Example:
         >>> import torch
         >>> y = fast_dropout_add(torch.ones(10000), torch.ones(10000), 0.5)
         >>> sorted(y.unique().tolist())
         [1.0, 3.0]
+        >>> fast_dropout_add(-torch.ones(4), torch.zeros(4), 0.5, relu=True).tolist()
+        [0.0, 0.0, 0.0, 0.0]
     """
     _check_p(p)
-    fused = _dropout_add(x, shortcut, p, inplace) if _fast_path(x) else None
+    fused = _dropout_add(x, shortcut, p, inplace, relu) if _fast_path(x) else None
     if fused is not None:
         return fused
     dropped = fast_dropout(x, p, inplace)
-    return dropped.add_(shortcut) if inplace else dropped + shortcut
+    summed = dropped.add_(shortcut) if inplace else dropped + shortcut
+    return summed.relu_() if relu else summed
 
 
-def _dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace: bool) -> Optional[torch.Tensor]:
+def _dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace: bool,
+                 relu: bool = False) -> Optional[torch.Tensor]:
     """The fused pass for an ``x`` that passed :func:`_fast_path`, or None where ``shortcut`` or the rate do not
     suit it (the caller then runs its own two steps)."""
     t = _threshold(p)
@@ -196,7 +203,7 @@ def _dropout_add(x: torch.Tensor, shortcut: torch.Tensor, p: float, inplace: boo
             and shortcut.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()):
         return None
     launch = _launcher(x)
-    return None if launch is None else _FusedDropout.apply(x, _draw_seed(), t, inplace, launch, shortcut)
+    return None if launch is None else _FusedDropout.apply(x, _draw_seed(), t, inplace, launch, shortcut, relu)
 
 
 def _check_p(p: float) -> None:
@@ -225,11 +232,13 @@ class _FusedDropout(torch.autograd.Function):
     """The kernel's dropout for one seed: a diagonal linear map, so its backward is itself (which also makes it
     twice differentiable). Element ``i`` is the ``i``-th in memory, so the gradient is brought to the output's
     strides before the mask is recomputed. ``inplace`` (for a dense ``x``) writes into ``x``. ``shortcut`` (dense,
-    ``x``'s strides) is added in the same pass; its gradient is the output's, unchanged."""
+    ``x``'s strides) is added in the same pass; its gradient is the output's, unchanged. ``relu`` (with
+    ``shortcut``): a ReLU on the sum in the same pass; backward keeps the output for it, as the ReLU module would,
+    and passes the gradient through the ReLU's backward first (still twice differentiable)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, seed: int, t: int, inplace: bool, launch: Callable,
-                shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
+                shortcut: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
         if inplace:
             ctx.mark_dirty(x)
             out = x
@@ -237,15 +246,22 @@ class _FusedDropout(torch.autograd.Function):
             if not _dense_layout(x):
                 x = x.contiguous()
             out = torch.empty_like(x)  # the same strides as a dense x
-        launch(out, x, seed, t, _LEVELS32 / (_LEVELS32 - t), add=shortcut)
+        relu = relu and shortcut is not None
+        launch(out, x, seed, t, _LEVELS32 / (_LEVELS32 - t), add=shortcut, relu=relu)
         ctx.seed, ctx.t, ctx.stride, ctx.launch, ctx.added = seed, t, out.stride(), launch, shortcut is not None
+        ctx.relu = relu
+        if relu:
+            ctx.save_for_backward(out)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # one gradient more than the inputs when no shortcut was given: autograd accepts a trailing None
+        if ctx.relu:  # the shortcut's gradient, and the dropout's input
+            out, = ctx.saved_tensors
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        # gradients for the optional inputs too when they were not given: autograd accepts trailing Nones
         dropped = _FusedDropout.apply(_in_layout(grad, ctx.stride), ctx.seed, ctx.t, False, ctx.launch)
-        return dropped, None, None, None, None, grad if ctx.added else None
+        return dropped, None, None, None, None, grad if ctx.added else None, None
 
 
 def _in_layout(grad: torch.Tensor, stride: tuple) -> torch.Tensor:
@@ -373,20 +389,24 @@ def run_dropout(module: nn.Module, x: torch.Tensor, producer: nn.Module | None =
     return module(x)
 
 
-def run_dropout_add(module: nn.Module, x: torch.Tensor, shortcut: torch.Tensor,
-                    producer: nn.Module | None = None) -> Optional[torch.Tensor]:
-    """``module(x) + shortcut`` in one fused pass (:func:`fast_dropout_add`) where :func:`run_dropout` would take
-    the fast path and ``shortcut`` suits the kernel; None otherwise, and the caller runs its own steps. ``producer``
-    as in :func:`run_dropout`: where it allows, the sum is written into ``x``.
+def run_dropout_add(module: nn.Module, x: torch.Tensor, shortcut: torch.Tensor, producer: nn.Module | None = None,
+                    act: nn.Module | None = None) -> Optional[torch.Tensor]:
+    """``act(module(x) + shortcut)`` with the dropout and the addition in one fused pass (:func:`fast_dropout_add`)
+    where :func:`run_dropout` would take the fast path and ``shortcut`` suits the kernel; None otherwise, and the
+    caller runs its own steps. ``producer`` as in :func:`run_dropout`: where it allows, the sum is written into
+    ``x``. ``act``: the block's activation after the addition (None: none); a plain ``nn.ReLU`` without hooks runs
+    in the same pass, any other module after it.
 
     Example:
         >>> import torch
         >>> run_dropout_add(torch.nn.Dropout(0.5).eval(), torch.ones(3), torch.ones(3)) is None  # eval: caller's
         True
     """
-    if _module_takes_fast_path(module, x):
-        return _dropout_add(x, shortcut, module.p, producer is not None and _may_overwrite(x, producer))
-    return None
+    if not _module_takes_fast_path(module, x):
+        return None
+    fuse_act = type(act) is nn.ReLU and not _has_hooks(act)
+    out = _dropout_add(x, shortcut, module.p, producer is not None and _may_overwrite(x, producer), fuse_act)
+    return out if out is None or fuse_act or act is None else act(out)
 
 
 def run_norm_act_dropout(module: nn.Module, norm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:

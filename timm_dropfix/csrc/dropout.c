@@ -32,12 +32,14 @@ static inline uint64_t splitmix64(uint64_t z) {
  * The _inplace variants overwrite x (the restrict-qualified ones must not be given out == x). The _add variants
  * add a second tensor s in the same pass, as the residual addition after a branch-end dropout: x * keep + s, two
  * roundings as in dropout-then-add (built with -ffp-contract=off, so no fused multiply-add). The _relu variants
- * apply a ReLU first, as at a pre-activation branch's BN-ReLU before its last conv: max(x, 0) * keep, with NaN
- * kept as torch's ReLU keeps it. */
+ * apply a ReLU first, as at a pre-activation branch's BN-ReLU before its last conv: max(x, 0) * keep; the _add_relu
+ * ones apply it to the sum, as a post-activation block's activation after its residual addition:
+ * max(x * keep + s, 0). NaN and -0.0 are kept as torch's ReLU keeps them. */
 #define TDF_KEEP(T, h, hi) (((uint32_t)((h) >> ((hi) * 32))) >= t ? scale : (T)0)
 #define TDF_MUL(i, k) (x[i] * (k))
 #define TDF_MUL_ADD(i, k) (x[i] * (k) + s[i])
 #define TDF_RELU_MUL(i, k) ((x[i] < 0 ? 0.0f : x[i]) * (k))
+#define TDF_MUL_ADD_RELU(i, k) (TDF_MUL_ADD(i, k) < 0 ? 0 : TDF_MUL_ADD(i, k))
 
 #define TDF_LOOP(T, DST, VAL)                                                                                      \
     int64_t blocks = n / 16;                                                                                       \
@@ -69,6 +71,14 @@ static inline uint64_t splitmix64(uint64_t z) {
     TDF_CLONES void NAME##_add_inplace(T *x, const T *restrict s, int64_t n, uint64_t seed, uint32_t t, T scale,   \
                                        int threads) {                                                              \
         TDF_LOOP(T, x, TDF_MUL_ADD)                                                                                \
+    }                                                                                                              \
+    TDF_CLONES void NAME##_add_relu(const T *restrict x, const T *restrict s, T *restrict out, int64_t n,          \
+                                    uint64_t seed, uint32_t t, T scale, int threads) {                             \
+        TDF_LOOP(T, out, TDF_MUL_ADD_RELU)                                                                         \
+    }                                                                                                              \
+    TDF_CLONES void NAME##_add_relu_inplace(T *x, const T *restrict s, int64_t n, uint64_t seed, uint32_t t,       \
+                                            T scale, int threads) {                                                \
+        TDF_LOOP(T, x, TDF_MUL_ADD_RELU)                                                                           \
     }                                                                                                              \
     TDF_CLONES void NAME##_relu(const T *restrict x, T *restrict out, int64_t n, uint64_t seed, uint32_t t,        \
                                 T scale, int threads) {                                                            \
