@@ -15,7 +15,7 @@ lies above, ``inconclusive`` otherwise. Writes ``benchmarks/results/dropout_over
 
 Example::
 
-    python benchmarks/dropout_overhead.py                      # 100 rounds at 128 px, batch 16: ~8 min on 2 cores
+    python benchmarks/dropout_overhead.py                      # 100 rounds at 128 px, batch 16: about 4 min on 2 cores
     python benchmarks/dropout_overhead.py --rounds 40 --model resnetv2_50
 """
 from __future__ import annotations
@@ -110,7 +110,8 @@ def to_markdown(res: dict[str, Any]) -> str:
                   f"ratios {pct(d['wall_overhead_median'])}."]
     share = d.get('dropout_call_share')
     if share:
-        lines += ['', f"The dropout's own calls (forward and backward, residual additions fused into them included): "
+        lines += ['', f"The dropout's own calls (forward and backward; the residual additions and ReLUs fused into them "
+                      f"included, which the model without dropout runs too): "
                       f"{100 * share['cpu']['mean']:.2f} % +- {100 * share['cpu']['std']:.2f} % of each step's process "
                       f"CPU time over {share['cpu']['n']} more steps ({share['calls_per_step']} calls per step)."]
     lines += ['', 'Each round runs one training step per arm (loss, backward, Adam) on the same fixed batch, the arms '

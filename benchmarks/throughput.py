@@ -451,9 +451,10 @@ def dropout_call_share(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps
     ``timm_dropfix.fastdrop._FusedDropout``, with or without the residual addition, and ``_FusedReluDropout``:
     output allocation, seed, kernel), in process CPU time and in wall time. A direct estimate of the dropout's
     cost that other tenants of the machine disturb far less than the difference of two noisy step times; it leaves
-    out indirect costs (caches the dropout evicts), and it includes the residual additions fused into
-    post-activation branch-end dropouts and the ReLUs fused into pre-activation ones (which the model without
-    dropout runs too), so it overstates the dropout's own share by their time."""
+    out indirect costs (caches the dropout evicts, memory it allocates), and it includes the residual additions
+    and the blocks' ReLUs (forward and backward) fused into post-activation branch-end dropouts and the ReLUs fused
+    into pre-activation ones (which the model without dropout runs too), so it overstates the dropout's own share
+    by their time."""
     from timm_dropfix import fastdrop
     functions = (fastdrop._FusedDropout, fastdrop._FusedReluDropout)
     spent = {'cpu': 0.0, 'wall': 0.0, 'calls': 0}
@@ -917,7 +918,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     share = d.get('dropout_call_share')
     if share:
         lines += [f"Direct cost: the fused dropout's own calls ({share['calls_per_step']} per step, forward and "
-                  "backward; fused residual additions or ReLUs included) took "
+                  "backward; the residual additions and ReLUs fused into them included) took "
                   f"{share['cpu']['mean']:.2%} ± {share['cpu']['std']:.2%} of each step's process CPU "
                   f"time ({share['wall']['mean']:.2%} ± {share['wall']['std']:.2%} of its wall time) over "
                   f"{share['cpu']['n']} more steps: the cost of the dropout itself, less disturbed by the machine's "
@@ -927,7 +928,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines += ['dropfix runs timm_dropfix\'s default route, its fast dropout (here: '
                   f'`{kernel}`; `fused`: one pass of a C kernel on CPU, a 32-bit hashed word per element, the mask '
                   'recomputed in backward, at the end of post-activation branches in place and in one pass with the '
-                  'residual addition; `triton`: the same on '
+                  'residual addition and the ReLU after it; `triton`: the same on '
                   'CUDA with Philox words; `torch_ops`: 16 bits per element from torch\'s generator, a float mask '
                   'kept); '
                   'dropfix_torch_kernel is the same model on torch\'s own dropout kernel; mask_only replaces every '
