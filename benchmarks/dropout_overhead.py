@@ -79,7 +79,16 @@ def pct(v: Optional[float]) -> str:
 def to_markdown(res: dict[str, Any]) -> str:
     """Report of a result written by :func:`main`."""
     meta, d = res['meta'], res['overhead']
-    med, ci = d['median'], d['overhead_mean_ci95'] or [None, None]
+    med = d['median']
+
+    def row(arm: str, ratios: Optional[dict], mean_ci: Optional[list]) -> str:
+        steps = f"{d['step_s'][arm]['mean']:.4f} +- {d['step_s'][arm]['std']:.4f}"
+        if ratios is None:
+            return f'| {arm} | {steps} | - | - |'
+        m, ci = median_interval(ratios['values']), mean_ci or [None, None]
+        return (f"| {arm} | {steps} | {pct(m['median'])} [{pct(m['ci_low'])}, {pct(m['ci_high'])}] | "
+                f"{pct(ratios['mean'])} [{pct(ci[0])}, {pct(ci[1])}] |")
+
     lines = [f"# Dropout step-time overhead: {d['model']}, {d['size']} px, batch {d['batch']}, "
              f"{d['overhead_per_pair']['n']} rounds",
              '',
@@ -96,28 +105,22 @@ def to_markdown(res: dict[str, Any]) -> str:
              '',
              '| arm | step s (mean +- std) | overhead: median [95 % CI] | mean [95 % CI] |',
              '|---|---|---|---|',
-             f"| no_dropout | {d['step_s']['no_dropout']['mean']:.4f} +- {d['step_s']['no_dropout']['std']:.4f} | - | - |",
-             f"| dropfix | {d['step_s']['dropfix']['mean']:.4f} +- {d['step_s']['dropfix']['std']:.4f} | "
-             f"{pct(med['median'])} [{pct(med['ci_low'])}, {pct(med['ci_high'])}] | "
-             f"{pct(d['overhead_per_pair']['mean'])} [{pct(ci[0])}, {pct(ci[1])}] |"]
-    for k, a in d['arms'].items():
-        m = median_interval(a['overhead_per_pair']['values'])
-        c = a['overhead_mean_ci95'] or [None, None]
-        lines.append(f"| {k} | {d['step_s'][k]['mean']:.4f} +- {d['step_s'][k]['std']:.4f} | "
-                     f"{pct(m['median'])} [{pct(m['ci_low'])}, {pct(m['ci_high'])}] | "
-                     f"{pct(a['overhead_per_pair']['mean'])} [{pct(c[0])}, {pct(c[1])}] |")
-    lines += ['', f"Ratio of the mean step times: {pct(d['total_time_overhead'])}; wall-time median of the rounds' "
-                  f"ratios {pct(d['wall_overhead_median'])}."]
+             row('no_dropout', None, None),
+             row('dropfix', d['overhead_per_pair'], d['overhead_mean_ci95']),
+             *(row(k, a['overhead_per_pair'], a['overhead_mean_ci95']) for k, a in d['arms'].items()),
+             '',
+             f"Ratio of the mean step times: {pct(d['total_time_overhead'])}; wall-time median of the rounds' "
+             f"ratios {pct(d['wall_overhead_median'])}."]
     share = d.get('dropout_call_share')
     if share:
-        lines += ['', f"The dropout's own calls (forward and backward; the residual additions and ReLUs fused into them "
-                      f"included, which the model without dropout runs too): "
-                      f"{100 * share['cpu']['mean']:.2f} % +- {100 * share['cpu']['std']:.2f} % of each step's process "
-                      f"CPU time over {share['cpu']['n']} more steps ({share['calls_per_step']} calls per step)."]
+        lines += ['', "The dropout's own calls (forward and backward; the residual additions and ReLUs fused into "
+                      f"them included, which the model without dropout runs too): {100 * share['cpu']['mean']:.2f} % "
+                      f"+- {100 * share['cpu']['std']:.2f} % of each step's process CPU time over {share['cpu']['n']} "
+                      f"more steps ({share['calls_per_step']} calls per step)."]
+    rounds = ', '.join(f'{100 * v:+.1f}' for v in d['overhead_per_pair']['values'])
     lines += ['', 'Each round runs one training step per arm (loss, backward, Adam) on the same fixed batch, the arms '
                   "in alternating order; a round's overhead is its dropfix step time over its no-dropout step time, "
-                  'minus one. Rounds (in order): ' + ', '.join(f'{100 * v:+.1f}' for v in d['overhead_per_pair']['values'])
-              + ' %.']
+                  f'minus one. Rounds (in order): {rounds} %.']
     return '\n'.join(lines) + '\n'
 
 

@@ -164,8 +164,8 @@ def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: f
                  add: Optional[torch.Tensor] = None, relu: bool = False) -> None:
     """Run the kernel over ``x``'s memory into ``out``'s: both dense CPU float32/float64 tensors with equal strides,
     or ``out`` is ``x`` (in place). ``add`` (the same layout, another storage) is added in the same pass; ``relu``
-    applies a ReLU to ``x`` first, or with ``add`` to the sum (a post-activation block's activation). The caller (:mod:`timm_dropfix.fastdrop`) checks that and that
-    :func:`load` returned a library.
+    applies a ReLU to ``x`` first, or with ``add`` to the sum (a post-activation block's activation). The caller
+    (:mod:`timm_dropfix.fastdrop`) checks that and that :func:`load` returned a library.
 
     Example:
         >>> import torch

@@ -11,10 +11,10 @@ two halves of SplitMix64 hashes of the seed and the element's index (one hash pe
 under ``torch.manual_seed`` and independent of the thread count, and the backward pass recomputes the mask from the
 seed: nothing but the seed is kept for it. At the end of a post-activation branch the blocks let it overwrite the BN
 or SE output it drops (see :func:`run_dropout`), so it allocates nothing there either, and add the residual shortcut
-and apply the block's ReLU in the same pass (:func:`fast_dropout_add`, :func:`run_dropout_add`); before a pre-activation branch's last conv
-they run the BN's ReLU and the dropout as one pass (:func:`run_norm_act_dropout`). Where no C compiler is
-available, a torch-ops path draws 16 random bits per element (four lanes of one 64-bit draw of torch's generator,
-``p`` rounded to a multiple of 1/65536) and keeps a float mask, like torch's kernel.
+and apply the block's ReLU in the same pass (:func:`fast_dropout_add`, :func:`run_dropout_add`); before a
+pre-activation branch's last conv they run the BN's ReLU and the dropout as one pass (:func:`run_norm_act_dropout`).
+Where no C compiler is available, a torch-ops path draws 16 random bits per element (four lanes of one 64-bit draw
+of torch's generator, ``p`` rounded to a multiple of 1/65536) and keeps a float mask, like torch's kernel.
 
 On CUDA (float16, bfloat16, float32) the same contract runs as a Triton kernel (:mod:`timm_dropfix._triton`:
 Philox words, one pass, nothing saved for backward, in place at branch ends), where torch's kernel writes a
