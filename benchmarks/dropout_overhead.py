@@ -81,11 +81,11 @@ def to_markdown(res: dict[str, Any]) -> str:
     meta, d = res['meta'], res['overhead']
     med = d['median']
 
-    def row(arm: str, ratios: Optional[dict], mean_ci: Optional[list]) -> str:
+    def row(arm: str, ratios: Optional[dict], mean_ci: Optional[list], m: Optional[dict] = None) -> str:
         steps = f"{d['step_s'][arm]['mean']:.4f} +- {d['step_s'][arm]['std']:.4f}"
         if ratios is None:
             return f'| {arm} | {steps} | - | - |'
-        m, ci = median_interval(ratios['values']), mean_ci or [None, None]
+        m, ci = m or median_interval(ratios['values']), mean_ci or [None, None]
         return (f"| {arm} | {steps} | {pct(m['median'])} [{pct(m['ci_low'])}, {pct(m['ci_high'])}] | "
                 f"{pct(ratios['mean'])} [{pct(ci[0])}, {pct(ci[1])}] |")
 
@@ -106,7 +106,7 @@ def to_markdown(res: dict[str, Any]) -> str:
              '| arm | step s (mean +- std) | overhead: median [95 % CI] | mean [95 % CI] |',
              '|---|---|---|---|',
              row('no_dropout', None, None),
-             row('dropfix', d['overhead_per_pair'], d['overhead_mean_ci95']),
+             row('dropfix', d['overhead_per_pair'], d['overhead_mean_ci95'], med),
              *(row(k, a['overhead_per_pair'], a['overhead_mean_ci95']) for k, a in d['arms'].items()),
              '',
              f"Ratio of the mean step times: {pct(d['total_time_overhead'])}; wall-time median of the rounds' "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project measures on a lent GPU, in one call that fits one device session (about 6 minutes on one
-# H100/H200): the Triton dropout's checks on real CUDA tensors, its ns/element against torch's CUDA kernel, and the
-# throughput profile (loader, steps, the recommended placement's cost with each kernel, and under torch.compile).
+# H100/H200): the Triton dropout's checks on real CUDA tensors, its ns/element against torch's CUDA kernel, the
+# throughput profile (loader, steps, the recommended placement's cost with each kernel, and under torch.compile) and
+# the placement's step-time cost in 100 interleaved rounds.
 #
 # Prepare here (the device machine sees only the checkout), then run through the device tool with carry=["local"]:
 #   mkdir -p local/shared/data && cp -r ../shared/data/pets370 local/shared/data/   # 37 MB, git-ignored
@@ -30,4 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.
 step triton_checks python -m pytest -q -p no:cacheprovider tests/triton_checks.py
 step dropout_speed python benchmarks/dropout_speed.py --device cuda --repeats 10 --out "$OUT/dropout_speed_gpu"
 step throughput python benchmarks/throughput.py --gpu --out-dir "$OUT"
+# the 3 % step-time target alone, at the GPU profile's size: seconds (two arms, one step each per round)
+step dropout_overhead python benchmarks/dropout_overhead.py --device cuda --size 224 --batch 128 --rounds 100 \
+    --out-dir "$OUT"
 exit $status

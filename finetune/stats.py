@@ -142,7 +142,9 @@ def paired_t_interval(a: Sequence[float], b: Sequence[float], confidence: float 
 
 def median_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
     """The median with a distribution-free confidence interval: two order statistics chosen from the binomial
-    distribution (sign-test interval), so no normality is assumed; noisy timings have heavy tails.
+    distribution (sign-test interval), so no normality is assumed; noisy timings have heavy tails. The values must
+    still be independent draws: rounds timed one after another on a machine whose load drifts are only
+    approximately that.
 
     The interval covers the true median with probability at least ``confidence``; it is NaN (null in JSON) when
     there are too few values for any pair of order statistics to reach it (fewer than 6 at 95 %).
@@ -163,16 +165,15 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> dict[s
     mid = n // 2
     median = xs[mid] if n % 2 else 0.5 * (xs[mid - 1] + xs[mid])
 
-    def tail(k: int) -> float:  # P(Binomial(n, 1/2) <= k)
-        return sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
-
-    # the largest k with P(B < k) = tail(k - 1) <= alpha/2: then [x_(k), x_(n-k+1)] (1-based) has coverage
-    # 1 - 2 * tail(k - 1) >= confidence
-    alpha, k = 1.0 - confidence, 0
-    while k + 1 <= n // 2 and tail(k) <= alpha / 2.0:
+    # the largest k with P(B < k) <= alpha/2, B ~ Binomial(n, 1/2): then [x_(k), x_(n-k+1)] (1-based) has
+    # coverage 1 - 2 P(B < k) >= confidence. Exact integers: 2**n overflows a float beyond n = 1023.
+    alpha, total = 1.0 - confidence, 2 ** n
+    k, below = 0, 0  # below = 2**n * P(B < k)
+    while k + 1 <= n // 2 and (below + math.comb(n, k)) / total <= alpha / 2.0:
+        below += math.comb(n, k)
         k += 1
     if k == 0:
         lo = hi = coverage = float('nan')
     else:
-        lo, hi, coverage = xs[k - 1], xs[n - k], 1.0 - 2.0 * tail(k - 1)
+        lo, hi, coverage = xs[k - 1], xs[n - k], 1.0 - (2 * below) / total
     return {'median': median, 'ci_low': lo, 'ci_high': hi, 'n': n, 'confidence': confidence, 'coverage': coverage}

@@ -65,6 +65,8 @@ def test_median_interval_uses_the_sign_test_order_statistics():
     r100 = median_interval([float(i) for i in range(100, 0, -1)])  # order of the input does not matter
     assert (r100['ci_low'], r100['ci_high']) == (40.0, 61.0) and r100['coverage'] >= 0.95
     assert math.isnan(median_interval([1.0, 2.0, 3.0, 4.0, 5.0])['ci_low'])  # 2 / 2**5 > 0.05: no interval
+    big = median_interval([float(i) for i in range(1, 2001)])  # beyond float's 2**1023: exact integers
+    assert 0.95 <= big['coverage'] < 0.96 and 950 < big['ci_low'] < 960 and big['ci_high'] == 2001 - big['ci_low']
     assert median_interval([3.0, 1.0, 2.0, 6.0, 5.0, 4.0])['ci_low'] == 1.0
     with pytest.raises(ValueError):
         median_interval([])

@@ -174,6 +174,15 @@ def test_fused_dropout_add_relu_is_bit_identical_to_the_three_steps(dtype, inpla
     small = (torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True),
              torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True))
     assert torch.autograd.gradcheck(seeded, small) and torch.autograd.gradgradcheck(seeded, small)
+    # a shortcut in another memory layout cannot share the pass: the dropout alone, then addition and ReLU
+    nchw = s.contiguous()
+    torch.manual_seed(3)
+    with mock.patch.object(fastdrop._FusedDropout, 'apply', wraps=fastdrop._FusedDropout.apply) as spy:
+        fallback = timm_dropfix.fast_dropout_add(x, nchw, 0.3, relu=True)
+    assert spy.call_count == 1 and len(spy.call_args.args) == 5  # no shortcut passed to the kernel
+    torch.manual_seed(3)
+    torch.testing.assert_close(fallback, torch.relu(timm_dropfix.fast_dropout(x, 0.3) + nchw), rtol=0, atol=0,
+                               equal_nan=True)
 
 
 def test_kernel_build_is_cached_and_failures_fall_back(tmp_path, monkeypatch, caplog):

@@ -144,6 +144,7 @@ def test_branch_end_dropout_runs_in_place_in_a_dropfix_model():
     torch.manual_seed(1)
     torch.testing.assert_close(fused, timm_dropfix.fast_dropout(branch, 0.3) + shortcut)
     branch.view(-1)[:3] = torch.tensor([float('nan'), -1e6, 0.0])
+    shortcut.view(-1)[1] = -1.0  # element 1's sum is negative whether its branch value is dropped or kept
     for dtype in (torch.float32, torch.bfloat16):  # with the block's ReLU on the sum: the same up to that rounding
         b = branch.to(dtype, copy=True).requires_grad_(True)
         s = shortcut.to(dtype, copy=True).requires_grad_(True)

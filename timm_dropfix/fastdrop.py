@@ -246,7 +246,7 @@ class _FusedDropout(torch.autograd.Function):
             if not _dense_layout(x):
                 x = x.contiguous()
             out = torch.empty_like(x)  # the same strides as a dense x
-        relu = relu and shortcut is not None
+        assert shortcut is not None or not relu, 'relu here is the ReLU after the residual addition'
         launch(out, x, seed, t, _LEVELS32 / (_LEVELS32 - t), add=shortcut, relu=relu)
         ctx.seed, ctx.t, ctx.stride, ctx.launch, ctx.added = seed, t, out.stride(), launch, shortcut is not None
         ctx.relu = relu

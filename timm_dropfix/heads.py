@@ -36,13 +36,15 @@ def make_head_drop(rate: float, position: str) -> nn.Module:
     return nn.Dropout(rate)
 
 
-def check_pool_for_dropout(pool_type: Optional[str], head_drop: nn.Module, owner: str) -> None:
+def check_pool_for_dropout(pool_type: Optional[str], head_drop: nn.Module, owner: str,
+                           remedy: Optional[str] = None) -> None:
     """Refuse a max-type global pool after an element-wise head dropout (``head_drop`` an ``nn.Dropout``).
 
     The guideline drops before *average* pooling, whose mean over masks equals the eval-mode output; the maximum of
     dropped and rescaled features is biased upward, so training and eval would disagree (the shift the paper's head
     rule avoids). A channel-wise ``Dropout2d`` scales whole channels by c >= 0, and max(c * x) = c * max(x), so it
-    passes. ``pool_type`` is timm's ('avg', 'max', 'avgmax', 'catavgmax', 'fast...', '' for none).
+    passes. ``pool_type`` is timm's ('avg', 'max', 'avgmax', 'catavgmax', 'fast...', '' for none); ``remedy`` ends
+    the message (what the owner of this model can change; default: timm's ``global_pool='avg'``).
 
     Example:
         >>> check_pool_for_dropout('avg', nn.Dropout(0.2), 'resnet50')
@@ -54,10 +56,10 @@ def check_pool_for_dropout(pool_type: Optional[str], head_drop: nn.Module, owner
         ValueError: resnet50 pools with 'avgmax' after its dropout before the pool: ...
     """
     if pool_type and 'max' in pool_type and not isinstance(head_drop, (nn.Identity, nn.Dropout2d)):
+        remedy = remedy or "Use global_pool='avg', or head_position='after_pool'."
         raise ValueError(
             f"{owner} pools with {pool_type!r} after its dropout before the pool: a max over dropped and rescaled "
-            f"features is biased, so training and eval would disagree. Use global_pool='avg', or "
-            f"head_position='after_pool'.")
+            f"features is biased, so training and eval would disagree. {remedy}")
 
 
 def set_v1_strides(model: nn.Module) -> nn.Module:

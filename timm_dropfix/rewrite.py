@@ -213,8 +213,10 @@ def rewrite(
     nets = _nets(model)
     if head_position == 'before_pool':  # a channel-wise Dropout2d scales whole channels: their max is unbiased
         for name, net in nets:
+            remedy = ("Put an average pool back (model.avgpool = nn.AdaptiveAvgPool2d(1)), or pass "
+                      "head_position='after_pool'." if isinstance(net, TvResNet) else None)
             check_pool_for_dropout(_pool_type(net), _drop(head_drop_rate, False),
-                                   f'{type(net).__name__}{f" ({name})" if name else ""}')
+                                   f'{type(net).__name__}{f" ({name})" if name else ""}', remedy)
 
     for module, cls in blocks:
         module.__class__ = cls
