@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -97,6 +98,9 @@ def to_markdown(res: dict[str, Any]) -> str:
              f"- machine: {res['cpu_model']}, {describe_machine(meta['machine'])}, device {res['device']}",
              f"- load average at start / end: {res['load_average_start']} / {res['load_average_end']}",
              f"- dropout kernel: `{d.get('dropout_kernel')}`; timer: {d['timer']}; seed {meta['seeds'][0]}",
+             f"- freed memory kept in the process (finetune/cpumem.py): {res.get('keep_freed_memory', False)}; "
+             "minor page faults in the measurement (models built, warm-up, all steps): "
+             f"{res.get('minor_page_faults', '-')}",
              *([f"- note: {res['note']}"] if res.get('note') else []),
              '',
              f"**Verdict against the {100 * TARGET:.0f} % target: {d['verdict']}** (median of the rounds' ratios "
@@ -135,6 +139,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--arms', nargs='*', default=[], choices=list(throughput.DROPOUT_ARMS),
                         help='extra arms to time in the same rounds')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--keep-freed-memory', action='store_true',
+                        help="CPU: keep freed memory in the process as `finetune train` does by default "
+                             "(finetune/cpumem.py); without it, glibc's defaults")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out-dir', default=str(RESULTS_DIR))
     parser.add_argument('--note', default=None, help='free text stored with the results (e.g. machine load)')
@@ -148,9 +155,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     device = torch.device(args.device)
     started, t0 = utc_now(), time.perf_counter()
     torch.manual_seed(args.seed)
+    kept = False
+    if args.keep_freed_memory:
+        from finetune.cpumem import keep_freed_memory
+        kept = keep_freed_memory()
     result: dict[str, Any] = {'device': str(device), 'cpu_model': throughput.cpu_model(),
-                              'load_average_start': throughput.load_average()}
+                              'load_average_start': throughput.load_average(), 'keep_freed_memory': kept}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     result['overhead'] = measure(args.model, args.size, args.batch, args.rounds, device, tuple(args.arms))
+    # all arms' steps, the warm-up and the call-share steps together: how much memory was faulted in afresh
+    result['minor_page_faults'] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     result['load_average_end'] = throughput.load_average()
     if args.note:
         result['note'] = args.note

@@ -61,6 +61,9 @@ class TrainConfig:
     # torch's kernel, e.g. to repeat runs made before it; None: the process default
     # (timm_dropfix.use_fast_dropout(), on unless TIMM_DROPFIX_FAST_DROPOUT=0)
     fast_dropout: bool | None = None
+    # CPU training: keep freed memory in the process (glibc malloc thresholds, finetune/cpumem.py), so each step
+    # reuses its activation memory instead of faulting it in from the OS again
+    keep_freed_memory: bool = True
     # optimisation
     optimizer: str = 'adamw'
     lr: float = 1e-3                      # learning rate of the new head; the backbone gets lr * backbone_lr_mult
@@ -159,6 +162,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "distribution; on CPUs a fraction of the time and memory of torch's kernel); "
                         "--no-fast-dropout: torch's kernel; neither: on unless TIMM_DROPFIX_FAST_DROPOUT=0. No effect "
                         "under --dynamo-backend (the compiled graph has its own dropout)")
+    g.add_argument('--keep-freed-memory', dest='keep_freed_memory', action=argparse.BooleanOptionalAction,
+                   default=d.keep_freed_memory,
+                   help="CPU training: keep freed memory in the process for the next step (glibc's malloc "
+                        "thresholds raised; the same peak, no page faults after the first step); "
+                        "--no-keep-freed-memory: glibc's defaults. No effect on GPUs or without glibc")
     g.add_argument('--branch-drop-rate', type=float, default=d.branch_drop_rate)
     g.add_argument('--head-drop-rate', type=float, default=d.head_drop_rate)
     g.add_argument('--branch-position', choices=BRANCH_POSITIONS, default=d.branch_position)

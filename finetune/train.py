@@ -43,6 +43,7 @@ from .card import EVAL_METRICS, TRAINING_CONFIG, render_card
 from .checkpoint import (check_same_model, find_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint,
                          scheduler_state, write_text_atomic)
 from .config import TrainConfig
+from .cpumem import keep_freed_memory
 from .errors import FinetuneError
 from .evaluate import classification_metrics, format_metrics, plot_confusion_matrix, predict
 from .modeling import build_model, export_model, param_groups
@@ -262,6 +263,7 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, mixed_precision=accelerator.mixed_precision,
                               dynamo_backend=None if backend == DynamoBackend.NO else backend.value.lower())
     set_seed(cfg.seed)
+    kept_freed_memory = cfg.keep_freed_memory and accelerator.device.type == 'cpu' and keep_freed_memory()
 
     # ---- 1. validate everything before writing anything --------------------------------------------------
     check_output_dir(out, resume=bool(cfg.resume))
@@ -291,7 +293,8 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
         saved_schedule = scheduler_state(ckpt, saved)
         old_cfg = saved.get('config', {})
         changed = sorted(k for k, v in cfg.to_dict().items()
-                         if k not in ('resume', 'output_dir', 'workers', 'log_with') and old_cfg.get(k, v) != v)
+                         if k not in ('resume', 'output_dir', 'workers', 'log_with', 'keep_freed_memory')
+                         and old_cfg.get(k, v) != v)
         if 'mixed_precision' in changed:
             raise FinetuneError(f"--resume: {ckpt} trained with mixed precision {old_cfg['mixed_precision']!r}, this "
                                 f"run would use {cfg.mixed_precision!r} (from --mixed-precision, accelerate launch or "
@@ -420,7 +423,8 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
                    images_per_second=train_images / max(train_time, 1e-9), n_skipped=len(skipped),
                    skipped=skipped, num_processes=accelerator.num_processes,
                    n_train=n_train, n_eval=n_eval, data_config=_jsonable(data_config),
-                   dropout_kernel=dropout_kernel, fast_dropout=dropout_kernel not in ('torch', 'compiled'))
+                   dropout_kernel=dropout_kernel, fast_dropout=dropout_kernel not in ('torch', 'compiled'),
+                   keep_freed_memory=kept_freed_memory)
     if main:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)  # the exported keys lack _orig_mod.
         info = dict(dropfix=built.dropfix, dropout_summary=str(timm_dropfix.summarize(unwrapped)),
