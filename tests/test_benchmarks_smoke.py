@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 import _common  # noqa: E402
 import cifar10  # noqa: E402
 import compare_grids  # noqa: E402
+import cpu_allocator  # noqa: E402
 import data_paths  # noqa: E402
 import dropout_overhead  # noqa: E402
 import dropout_speed  # noqa: E402
@@ -111,6 +112,20 @@ def test_dropout_overhead_main(tmp_path, capsys):
         dropout_overhead.main(['--rounds', '5', '--out-dir', str(tmp_path)])
     with pytest.raises(ValueError, match='unknown dropout arms'):
         throughput.measure_dropfix_time(32, 2, torch.device('cpu'), 1, arms=('dropfix_torch',))
+
+
+def test_cpu_allocator_main(tmp_path):
+    """Fresh processes per arm: the kept arm reports that the setting applied (glibc here) and faults far fewer
+    pages per step than glibc's defaults once warmed up; the report has both arms."""
+    cpu_allocator.main(['--pairs', '1', '--steps', '3', '--warmup', '1', '--size', '32', '--batch', '2',
+                        '--out', str(tmp_path / 'ca')])
+    res = json.loads((tmp_path / 'ca.json').read_text())
+    assert res['meta']['command'].startswith('python benchmarks/cpu_allocator.py')
+    a = res['allocator']['arms']
+    assert a['kept']['applied'] == [True] and a['plain']['applied'] == [False]
+    assert a['kept']['faults_per_step'][0] * 3 < a['plain']['faults_per_step'][0]
+    assert len(res['allocator']['speedup_per_pair']) == 1 and res['allocator']['speedup_ci95'] is None
+    assert '| kept |' in (tmp_path / 'ca.md').read_text()
 
 
 def test_write_result_stamps_provenance(tmp_path):
