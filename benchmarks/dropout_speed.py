@@ -179,7 +179,9 @@ def to_markdown(res: dict[str, Any]) -> str:
               'once (an unfused dropout before it draws anything); plain_multiply: `x * 2`; add: `x + shortcut` (the '
               'residual addition that follows a branch-end dropout, also run without dropout); '
               'fused_inplace_then_add: the in-place dropout, then that addition; fused_add_inplace: '
-              '`timm_dropfix.fast_dropout_add` in place, the two in one pass, as dropfix blocks run them; relu: '
+              '`timm_dropfix.fast_dropout_add` in place, the two in one pass; add_relu: the in-place addition and '
+              'ReLU of a post-activation block without dropout; fused_add_relu_inplace: dropout, addition and ReLU '
+              'in one pass (`fast_dropout_add(..., relu=True)`), as dropfix blocks run them; relu: '
               'the in-place ReLU of a BN-ReLU module (also run without dropout); relu_then_fused: that ReLU, then '
               'the fused dropout; fused_relu_inplace: the two in one pass into the BN output, as pre-activation '
               'dropfix blocks run them.', '']

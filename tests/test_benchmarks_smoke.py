@@ -399,8 +399,8 @@ def test_dropout_speed_times_every_kernel_at_every_shape(tmp_path):
             assert len(shapes) == 4
             for ks in shapes.values():
                 assert set(ks) == {'torch', 'fused', 'fused_inplace', 'torch_ops', 'mask_multiply', 'plain_multiply',
-                                   'add', 'fused_inplace_then_add', 'fused_add_inplace', 'relu', 'relu_then_fused',
-                                   'fused_relu_inplace'}
+                                   'add', 'fused_inplace_then_add', 'fused_add_inplace', 'add_relu',
+                                   'fused_add_relu_inplace', 'relu', 'relu_then_fused', 'fused_relu_inplace'}
                 assert all(k['n'] == 2 and k['median'] > 0 for k in ks.values())
     assert '| 16x256x32x32 |' in (tmp_path / 'ds.md').read_text()
 
