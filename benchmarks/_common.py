@@ -36,7 +36,8 @@ RESULT_ENV = ('TIMM_DROPFIX_FAST_DROPOUT',)
 
 __all__ = [
     'REPO_ROOT', 'RESULTS_DIR', 'shared_dir', 'machine_info', 'command_line', 'utc_now', 'write_json',
-    'write_result', 'mean_std', 'student_t_ppf', 'paired_t_interval', 'fmt_pm', 'describe_machine',
+    'write_result', 'write_json_and_markdown', 'mean_std', 'student_t_ppf', 'paired_t_interval', 'fmt_pm',
+    'describe_machine',
 ]
 
 
@@ -198,6 +199,28 @@ def write_result(
     result = {'meta': meta, **payload}
     write_json(path, result)
     return _jsonable(result)
+
+
+def write_json_and_markdown(out_prefix: str | os.PathLike, payload: dict[str, Any], render: Any, *,
+                            command: str, seeds: Iterable[int], wall_time_s: float,
+                            started_at: str | None = None) -> dict[str, Any]:
+    """:func:`write_result` into ``<out_prefix>.json`` (folders made as needed), then ``render(written)`` into
+    ``<out_prefix>.md``; returns what was written.
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> r = write_json_and_markdown(os.path.join(d, 'x'), {'acc': 0.9}, lambda r: f"# acc {r['acc']}\\n",
+        ...                             command='python x.py', seeds=[0], wall_time_s=1.0)
+        >>> open(os.path.join(d, 'x.md')).read()
+        '# acc 0.9\\n'
+    """
+    out = Path(out_prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = write_result(out.with_name(out.name + '.json'), payload, command=command, seeds=seeds,
+                           wall_time_s=wall_time_s, started_at=started_at)
+    out.with_name(out.name + '.md').write_text(render(written))
+    return written
 
 
 def write_bench_report(out_prefix: Path, header: str, results: dict[str, Any], unit: str) -> str:

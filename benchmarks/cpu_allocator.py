@@ -28,7 +28,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import RESULTS_DIR, command_line, describe_machine, utc_now, write_result  # noqa: E402
+from _common import RESULTS_DIR, command_line, describe_machine, utc_now, write_json_and_markdown  # noqa: E402
 from finetune.stats import paired_t_interval  # noqa: E402
 
 
@@ -162,11 +162,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                                                    not args.no_dropout)}
     if args.note:
         result['note'] = args.note
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = write_result(out.with_suffix('.json'), result, command=command_line(argv, 'benchmarks/cpu_allocator.py'),
-                           seeds=[0], wall_time_s=time.perf_counter() - t0, started_at=started)
-    out.with_suffix('.md').write_text(to_markdown(written))
+    written = write_json_and_markdown(args.out, result, to_markdown,
+                                      command=command_line(argv, 'benchmarks/cpu_allocator.py'), seeds=[0],
+                                      wall_time_s=time.perf_counter() - t0, started_at=started)
     print(to_markdown(written))
 
 

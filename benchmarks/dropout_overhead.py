@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from _common import RESULTS_DIR, command_line, describe_machine, utc_now, write_result  # noqa: E402
+from _common import RESULTS_DIR, command_line, describe_machine, utc_now, write_json_and_markdown  # noqa: E402
 from finetune.stats import median_interval  # noqa: E402
 
 TARGET = 0.03  # issue 5: the placement costs at most 3 % step time
@@ -168,15 +168,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     result['load_average_end'] = throughput.load_average()
     if args.note:
         result['note'] = args.note
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = f'dropout_overhead_{device.type}' + ('' if args.model == 'resnet50' else f'-{args.model}')
-    written = write_result(out_dir / f'{name}.json', result,
-                           command=command_line(argv, 'benchmarks/dropout_overhead.py'), seeds=[args.seed],
-                           wall_time_s=time.perf_counter() - t0, started_at=started)
-    (out_dir / f'{name}.md').write_text(to_markdown(written))
+    out = Path(args.out_dir) / name
+    write_json_and_markdown(out, result, to_markdown, command=command_line(argv, 'benchmarks/dropout_overhead.py'),
+                            seeds=[args.seed], wall_time_s=time.perf_counter() - t0, started_at=started)
     d = result['overhead']
-    print(f"results: {out_dir / f'{name}.json'} ({time.perf_counter() - t0:.0f} s)")
+    print(f"results: {out}.json ({time.perf_counter() - t0:.0f} s)")
     print(f"dropfix_step_overhead={d['median']['median']:.4f} ci95=[{d['median']['ci_low']:.4f},"
           f"{d['median']['ci_high']:.4f}] verdict={d['verdict'].replace(' ', '_')}")
 

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import RESULTS_DIR, command_line, describe_machine, mean_std, utc_now, write_result  # noqa: E402
+from _common import (RESULTS_DIR, command_line, describe_machine, mean_std, utc_now,  # noqa: E402
+                     write_json_and_markdown)
 
 SHAPES = [(16, 256, 32, 32), (16, 512, 16, 16), (16, 1024, 8, 8), (16, 2048, 4, 4)]
 # device -> (shapes, dtype, memory format): the tensors a dropfix resnet50 drops when training there
@@ -208,9 +209,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.device == 'cuda':
         res['gpu'] = torch.cuda.get_device_name(0)
     out = Path(args.out or RESULTS_DIR / ('dropout_speed_gpu' if args.device == 'cuda' else 'dropout_speed'))
-    written = write_result(out.with_suffix('.json'), res, command=command_line(argv, 'benchmarks/dropout_speed.py'),
-                           seeds=[0], wall_time_s=time.perf_counter() - t0, started_at=started)
-    out.with_suffix('.md').write_text(to_markdown(written))
+    written = write_json_and_markdown(out, res, to_markdown, command=command_line(argv, 'benchmarks/dropout_speed.py'),
+                                      seeds=[0], wall_time_s=time.perf_counter() - t0, started_at=started)
     print(to_markdown(written))
 
 

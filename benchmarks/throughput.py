@@ -56,7 +56,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, RandomSampler  # noqa: E402
 
-from _common import RESULTS_DIR, command_line, mean_std, shared_dir, utc_now, write_result  # noqa: E402
+from _common import RESULTS_DIR, command_line, mean_std, shared_dir, utc_now, write_json_and_markdown  # noqa: E402
 from finetune.stats import paired_t_interval  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # resnet50's pretrained_cfg values
@@ -974,15 +974,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     result['targets'] = targets(result)
     if args.note:
         result['note'] = args.note
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = f'throughput_{profile}' + ('' if args.dropfix_model == 'resnet50' else f'-{args.dropfix_model}')
-    written = write_result(out_dir / f'{name}.json', result,
-                           command=command_line(argv, 'benchmarks/throughput.py'), seeds=[args.seed],
-                           wall_time_s=time.perf_counter() - t0, started_at=started)
-    (out_dir / f'{name}.md').write_text(to_markdown(written))
+    out = Path(args.out_dir) / name
+    write_json_and_markdown(out, result, to_markdown, command=command_line(argv, 'benchmarks/throughput.py'),
+                            seeds=[args.seed], wall_time_s=time.perf_counter() - t0, started_at=started)
     h = result['headline']
-    print(f"results: {out_dir / f'{name}.json'} ({time.perf_counter() - t0:.0f} s)")
+    print(f"results: {out}.json ({time.perf_counter() - t0:.0f} s)")
     print(f"loader_speedup={h['loader_speedup']:.2f} step_speedup={h['step_speedup']:.2f} "
           f"dropfix_step_overhead={h['dropfix_step_overhead']:.4f}")
 
