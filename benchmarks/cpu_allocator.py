@@ -32,43 +32,29 @@ from _common import RESULTS_DIR, command_line, describe_machine, utc_now, write_
 from finetune.stats import paired_t_interval  # noqa: E402
 
 
-def _status_bytes(field: str) -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def child(cfg: dict[str, Any]) -> dict[str, Any]:
-    """One arm in this (fresh) process: per-step CPU seconds, minor faults and peak bytes above the start."""
+    """One arm in this (fresh) process: per-step CPU seconds, minor faults and peak bytes above the start; the
+    model and its training step are ``throughput.py``'s, in the toolkit's configuration."""
     import torch
-    import torch.nn.functional as F
 
-    import timm
-    import timm_dropfix
     from finetune.cpumem import keep_freed_memory
+    from throughput import Trainer, _proc_status_bytes, make_model
     applied = keep_freed_memory() if cfg['keep'] else False
+    cpu_device = torch.device('cpu')
     torch.manual_seed(0)
-    model = timm.create_model('resnet50', num_classes=37)
-    if cfg['dropout']:
-        timm_dropfix.rewrite(model)
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    trainer = Trainer(make_model('resnet50', cpu_device, toolkit=True, dropout=cfg['dropout']), cpu_device, True)
     x = torch.randn(cfg['batch'], 3, cfg['size'], cfg['size'])
     y = torch.randint(0, 37, (cfg['batch'],))
-    start = _status_bytes('VmRSS')
+    start = _proc_status_bytes('VmRSS')
     cpu, faults, peak = [], [], []
     for _ in range(cfg['steps']):
         f0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        trainer.step(x, y)
         cpu.append(time.process_time() - c0)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-        peak.append(_status_bytes('VmHWM') - start)
+        peak.append(_proc_status_bytes('VmHWM') - start)
     return {'applied': applied, 'cpu_s': cpu, 'faults': faults, 'peak_bytes': peak,
-            'rss_after_bytes': _status_bytes('VmRSS') - start}
+            'rss_after_bytes': _proc_status_bytes('VmRSS') - start}
 
 
 def run_child(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def scheduler_state(ckpt: str | Path, trainer_state: dict[str, Any]) -> dict[str
     import torch
     if 'scheduler' in trainer_state:  # custom_checkpoint files beside it are never unpickled
         return trainer_state['scheduler']
-    pickles = sorted(Path(ckpt).glob('custom_checkpoint_*.pkl'))
+    pickles = _custom_pickles(ckpt)
     if len(pickles) != 1:
         raise FinetuneError(f'--resume: {ckpt} has no LR scheduler state ({STATE_FILE} holds none, and '
                             f'{len(pickles)} custom_checkpoint files instead of one): not a checkpoint `finetune '
@@ -115,6 +115,11 @@ def scheduler_state(ckpt: str | Path, trainer_state: dict[str, Any]) -> dict[str
                             f'--output-dir.') from None
 
 
+def _custom_pickles(ckpt: str | Path) -> list[Path]:
+    """The objects accelerate pickled into a checkpoint (an earlier version's LR scheduler)."""
+    return sorted(Path(ckpt).glob('custom_checkpoint_*.pkl'))
+
+
 def load_checkpoint(accelerator, ckpt: str | Path) -> None:
     """``accelerator.load_state(ckpt)`` (model, optimizer, every process's RNG state), leaving out the pickled
     scheduler of an earlier version's checkpoint (see :func:`scheduler_state`): accelerate then loads from a
@@ -122,7 +127,7 @@ def load_checkpoint(accelerator, ckpt: str | Path) -> None:
     """
     import tempfile
     ckpt = Path(ckpt)
-    pickles = sorted(ckpt.glob('custom_checkpoint_*.pkl'))
+    pickles = _custom_pickles(ckpt)
     if not pickles:
         _load_state(accelerator, ckpt, ckpt)
         return
