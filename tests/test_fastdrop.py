@@ -491,3 +491,38 @@ def test_preact_bn_relu_and_dropout_fused_are_bit_identical_and_keep_one_tensor_
         timm_dropfix.set_fast_dropout(False)
         twin(x)
         assert spy.call_count == len(blocks) - 1
+
+
+@pytest.mark.parametrize('form', ['add_relu', 'relu'])
+def test_one_pass_backward_kernels_match_the_composed_backward(form):
+    """Where autograd builds no graph of the backward, the post-activation branch end (dropout, addition, ReLU) and
+    the pre-activation BN-ReLU-dropout take their gradients from one pass of the C kernel; with create_graph they
+    compose differentiable ops. Both give the same bits (NaN, inf and the sign of zeros included) for any length
+    (the kernel's 16-element blocks, a tail, the OpenMP split) and for a gradient in another layout."""
+    kernel = fastdrop._native.dropout_into
+    one_pass = 'add_relu_backward_into' if form == 'add_relu' else 'relu_backward_into'
+    t = round(0.3 * 2 ** 32)
+    for shape in ((3, 5, 7), (2, 64, 33, 33)):
+        torch.manual_seed(0)
+        x, s = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+        x.view(-1)[:5] = torch.tensor([float('nan'), -0.0, float('inf'), -float('inf'), 0.0], dtype=torch.float64)
+        g = torch.randn(shape, dtype=torch.float64)
+        g.view(-1)[5:8] = torch.tensor([float('nan'), float('inf'), -0.0], dtype=torch.float64)
+        results = {}
+        for route in ('one_pass', 'composed'):
+            xr, sr = x.clone().requires_grad_(True), s.clone().requires_grad_(True)
+            with mock.patch.object(fastdrop._native, one_pass, wraps=getattr(fastdrop._native, one_pass)) as spy:
+                if form == 'add_relu':
+                    y = fastdrop._FusedDropout.apply(xr * 1, 11, t, True, kernel, sr * 1, True)
+                else:
+                    y = fastdrop._FusedReluDropout.apply(xr * 1, 11, t, kernel)
+                for grad in (g, torch.ones(()).expand(shape)):  # dense, then expanded as from .sum()
+                    grads = torch.autograd.grad(y, [xr, sr], grad, retain_graph=True, allow_unused=True,
+                                                create_graph=route == 'composed')
+                    results.setdefault(route, []).extend(v for v in grads if v is not None)
+            assert spy.call_count == (2 if route == 'one_pass' else 0)
+        assert len(results['one_pass']) == len(results['composed']) == (4 if form == 'add_relu' else 2)
+        for a, b in zip(results['one_pass'], results['composed']):
+            assert a.stride() == b.stride() or a.is_contiguous()
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(a.signbit(), b.detach().signbit())

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ['load', 'kernel_dir']
+__all__ = ['load', 'kernel_dir', 'dropout_into', 'add_relu_backward_into', 'relu_backward_into']
 
 _logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name('csrc') / 'dropout.c'
@@ -157,6 +157,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             fn = getattr(lib, name + suffix)
             fn.argtypes = [ctypes.c_void_p] * pointers + tail
             fn.restype = None
+        # the backward passes: grad, out, then the one or two gradients they write
+        for suffix, args in (('_add_relu_backward', [ctypes.c_void_p] * 4 + tail),
+                             ('_relu_backward', [ctypes.c_void_p] * 3 + [ctypes.c_int64, real, ctypes.c_int])):
+            fn = getattr(lib, name + suffix)
+            fn.argtypes = args
+            fn.restype = None
     return lib
 
 
@@ -175,7 +181,46 @@ def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: f
         True
     """
     lib = load()
-    name = 'tdf_dropout_f32' if x.dtype == torch.float32 else 'tdf_dropout_f64'
+    name = _name(x)
     pointers = (x.data_ptr(),) + (() if add is None else (add.data_ptr(),)) + (() if out is x else (out.data_ptr(),))
     name += ('' if add is None else '_add') + ('_relu' if relu else '') + ('_inplace' if out is x else '')
     getattr(lib, name)(*pointers, x.numel(), seed, t, scale, torch.get_num_threads())
+
+
+def _name(x: torch.Tensor) -> str:
+    return 'tdf_dropout_f32' if x.dtype == torch.float32 else 'tdf_dropout_f64'
+
+
+def add_relu_backward_into(grad_shortcut: torch.Tensor, grad_branch: torch.Tensor, grad: torch.Tensor,
+                           out: torch.Tensor, seed: int, t: int, scale: float) -> None:
+    """The backward of ``dropout_into(out, x, seed, t, scale, add=s, relu=True)`` in one pass: the ReLU's gradient
+    (``grad`` where ``out > 0``, else 0) into ``grad_shortcut``, and that dropped with the same mask into
+    ``grad_branch``. All four tensors dense with equal strides and distinct memory; the caller checks that.
+
+    Example:
+        >>> import torch
+        >>> g, y = torch.ones(8), torch.tensor([1., 0.] * 4)
+        >>> gs, gb = torch.empty(8), torch.empty(8)
+        >>> if load() is not None: add_relu_backward_into(gs, gb, g, y, seed=1, t=2 ** 31, scale=2.0)
+        >>> load() is None or (gs.tolist() == [1., 0.] * 4 and set(gb[::2].tolist()) <= {0., 2.})
+        True
+    """
+    getattr(load(), _name(grad) + '_add_relu_backward')(
+        grad.data_ptr(), out.data_ptr(), grad_shortcut.data_ptr(), grad_branch.data_ptr(), grad.numel(), seed, t,
+        scale, torch.get_num_threads())
+
+
+def relu_backward_into(grad_x: torch.Tensor, grad: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+    """The backward of ``dropout_into(out, x, seed, t, scale, relu=True)``: ``grad * scale`` where ``out > 0``, else
+    0 (the output is 0 wherever the ReLU or the mask zeroed, so no mask is recomputed). Dense tensors with equal
+    strides, ``grad_x`` distinct from the others.
+
+    Example:
+        >>> import torch
+        >>> gx = torch.empty(2)
+        >>> if load() is not None: relu_backward_into(gx, torch.ones(2), torch.tensor([3., 0.]), 2.0)
+        >>> load() is None or gx.tolist() == [2.0, 0.0]
+        True
+    """
+    getattr(load(), _name(grad) + '_relu_backward')(grad.data_ptr(), out.data_ptr(), grad_x.data_ptr(), grad.numel(),
+                                                    scale, torch.get_num_threads())

@@ -80,12 +80,48 @@ static inline uint64_t splitmix64(uint64_t z) {
                                             T scale, int threads) {                                                \
         TDF_LOOP(T, x, TDF_MUL_ADD_RELU)                                                                           \
     }                                                                                                              \
+    /* the _add_relu forms' backward in one pass: the ReLU's gradient (g, zeroed where the output y is <= 0, as     \
+     * torch's threshold_backward zeroes it) to the shortcut (gs) and, dropped, to the branch (gb), where the        \
+     * ReLU's backward and then the dropout's would write that gradient and read it back. A block's 16 values go    \
+     * through a local array as a copy and a conditional zero: GCC 12.2 vectorized `gs = y <= 0 ? 0 : g` wrongly   \
+     * in this loop for x86-64-v3 and -v4 (some gs zeroed where y > 0). */                                         \
+    TDF_CLONES void NAME##_add_relu_backward(const T *restrict g, const T *restrict y, T *restrict gs,             \
+                                             T *restrict gb, int64_t n, uint64_t seed, uint32_t t, T scale,        \
+                                             int threads) {                                                        \
+        int64_t blocks = n / 16;                                                                                   \
+        _Pragma("omp parallel for if(n >= TDF_PARALLEL_MIN) num_threads(threads) schedule(static)")                \
+        for (int64_t b = 0; b < blocks; ++b) {                                                                     \
+            uint64_t h[8];                                                                                         \
+            T a[16];                                                                                               \
+            for (int j = 0; j < 16; ++j) {                                                                         \
+                a[j] = g[16 * b + j];                                                                              \
+                if (y[16 * b + j] <= 0) a[j] = 0;                                                                  \
+            }                                                                                                      \
+            for (int j = 0; j < 16; ++j) gs[16 * b + j] = a[j];                                                    \
+            for (int j = 0; j < 8; ++j) h[j] = splitmix64(seed + (uint64_t)(8 * b + j + 1) * GAMMA);              \
+            for (int j = 0; j < 8; ++j) gb[16 * b + j] = a[j] * TDF_KEEP(T, h[j], 0);                              \
+            for (int j = 0; j < 8; ++j) gb[16 * b + 8 + j] = a[8 + j] * TDF_KEEP(T, h[j], 1);                      \
+        }                                                                                                          \
+        for (int64_t i = 16 * blocks; i < n; ++i) {                                                                \
+            int64_t k = i - 16 * blocks;                                                                           \
+            uint64_t h = splitmix64(seed + (uint64_t)(8 * blocks + (k & 7) + 1) * GAMMA);                          \
+            gs[i] = y[i] <= 0 ? 0 : g[i];                                                                          \
+            gb[i] = gs[i] * TDF_KEEP(T, h, k >> 3);                                                                \
+        }                                                                                                          \
+    }                                                                                                              \
     TDF_CLONES void NAME##_relu(const T *restrict x, T *restrict out, int64_t n, uint64_t seed, uint32_t t,        \
                                 T scale, int threads) {                                                            \
         TDF_LOOP(T, out, TDF_RELU_MUL)                                                                             \
     }                                                                                                              \
     TDF_CLONES void NAME##_relu_inplace(T *x, int64_t n, uint64_t seed, uint32_t t, T scale, int threads) {        \
         TDF_LOOP(T, x, TDF_RELU_MUL)                                                                               \
+    }                                                                                                              \
+    /* the _relu forms' backward: y is 0 wherever the ReLU or the mask zeroed, so y alone gives the gradient       \
+     * (g * scale where y > 0, else 0, as threshold_backward(g * scale, y, 0)) and no mask is recomputed */         \
+    TDF_CLONES void NAME##_relu_backward(const T *restrict g, const T *restrict y, T *restrict out, int64_t n,     \
+                                         T scale, int threads) {                                                   \
+        _Pragma("omp parallel for if(n >= TDF_PARALLEL_MIN) num_threads(threads) schedule(static)")                \
+        for (int64_t i = 0; i < n; ++i) out[i] = y[i] <= 0 ? 0 : g[i] * scale;                                    \
     }
 
 TDF_DROPOUT(tdf_dropout_f32, float)
