@@ -10,7 +10,9 @@ elements as four contiguous quarters, and quarter ``k`` uses word ``k`` of the c
 so every load and store stays coalesced and an element's mask depends only on the seed and its index. With ``add``
 the same pass also adds a second tensor (the residual shortcut after a branch-end dropout); with ``relu`` it applies
 a ReLU first (the BN-ReLU before a pre-activation branch's last conv), or with ``add`` to the sum (a post-activation
-block's activation after its residual addition).
+block's activation after its residual addition). The two ReLU forms have one-pass backward kernels, as the CPU
+kernel does: :func:`add_relu_backward_into` writes the shortcut's and the branch's gradients together, and
+:func:`relu_backward_into` reads the mask off the saved output.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ['dropout_into', 'BLOCK']
+__all__ = ['dropout_into', 'add_relu_backward_into', 'relu_backward_into', 'BLOCK']
 
 BLOCK = 4096  # elements per program; part of the mask's definition (see the module docstring)
 _MASK31 = (1 << 31) - 1
@@ -58,6 +60,86 @@ def _dropout_kernel(x_ptr, add_ptr, out_ptr, n, seed_lo, seed_hi, t_signed, scal
     _quarter(x_ptr, add_ptr, out_ptr, start + 3 * QUARTER, n, w3, t_signed, scale, HAS_ADD, RELU)
 
 
+@triton.jit
+def _split_quarter(g_ptr, y_ptr, gs_ptr, gb_ptr, offs, n, word, t_signed, scale):
+    inside = offs < n
+    y = tl.load(y_ptr + offs, mask=inside)
+    # the ReLU's gradient as torch's threshold_backward gives it: 0 where the output is <= 0 (NaN passes)
+    gs = tl.where(y <= 0, 0.0, tl.load(g_ptr + offs, mask=inside).to(tl.float32))
+    tl.store(gs_ptr + offs, gs.to(gs_ptr.dtype.element_ty), mask=inside)
+    keep = (word ^ 0x80000000).to(tl.int32, bitcast=True) >= t_signed
+    tl.store(gb_ptr + offs, (gs * tl.where(keep, scale, 0.0)).to(gb_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=['seed_lo', 'seed_hi'])
+def _add_relu_backward_kernel(g_ptr, y_ptr, gs_ptr, gb_ptr, n, seed_lo, seed_hi, t_signed, scale,
+                              BLOCK: tl.constexpr):
+    QUARTER: tl.constexpr = BLOCK // 4
+    program = tl.program_id(0).to(tl.int64)
+    seed = (seed_hi.to(tl.uint64) << 31) | seed_lo.to(tl.uint64)
+    j = tl.arange(0, QUARTER)
+    w0, w1, w2, w3 = tl.randint4x(seed, program * QUARTER + j)
+    start = program * BLOCK + j
+    _split_quarter(g_ptr, y_ptr, gs_ptr, gb_ptr, start, n, w0, t_signed, scale)
+    _split_quarter(g_ptr, y_ptr, gs_ptr, gb_ptr, start + QUARTER, n, w1, t_signed, scale)
+    _split_quarter(g_ptr, y_ptr, gs_ptr, gb_ptr, start + 2 * QUARTER, n, w2, t_signed, scale)
+    _split_quarter(g_ptr, y_ptr, gs_ptr, gb_ptr, start + 3 * QUARTER, n, w3, t_signed, scale)
+
+
+@triton.jit
+def _relu_backward_kernel(g_ptr, y_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    y = tl.load(y_ptr + offs, mask=inside)
+    g = tl.load(g_ptr + offs, mask=inside).to(tl.float32)
+    tl.store(out_ptr + offs, tl.where(y <= 0, 0.0, g * scale).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _launch(kernel, n: int, *args, **meta) -> None:
+    """One program per ``BLOCK`` of ``n`` elements, on the first argument's device."""
+    if n == 0:  # an empty grid is not a launch triton accepts
+        return
+    grid = (triton.cdiv(n, BLOCK),)
+    if args[0].device.type == 'cuda':
+        with torch.cuda.device(args[0].device):  # triton launches on the current device
+            kernel[grid](*args, BLOCK=BLOCK, num_warps=4, **meta)
+    else:  # TRITON_INTERPRET=1 runs the kernel on CPU tensors (the tests)
+        kernel[grid](*args, BLOCK=BLOCK, **meta)
+
+
+def add_relu_backward_into(grad_shortcut: torch.Tensor, grad_branch: torch.Tensor, grad: torch.Tensor,
+                           out: torch.Tensor, seed: int, t: int, scale: float) -> None:
+    """The backward of ``dropout_into(out, x, seed, t, scale, add=s, relu=True)`` in one pass: the ReLU's gradient
+    (``grad`` where ``out > 0``, else 0) into ``grad_shortcut``, and that dropped with the same mask into
+    ``grad_branch``. Dense tensors with equal strides; the same numbers as the ReLU's backward, then the dropout.
+
+    Example:
+        >>> import torch
+        >>> g, y = torch.ones(8, device='cuda'), torch.tensor([1., 0.] * 4, device='cuda')  # doctest: +SKIP
+        >>> gs, gb = torch.empty_like(g), torch.empty_like(g)  # doctest: +SKIP
+        >>> add_relu_backward_into(gs, gb, g, y, seed=1, t=2 ** 31, scale=2.0)  # doctest: +SKIP
+        >>> gs.tolist() == [1., 0.] * 4  # doctest: +SKIP
+        True
+    """
+    _launch(_add_relu_backward_kernel, grad.numel(), grad, out, grad_shortcut, grad_branch, grad.numel(),
+            seed & _MASK31, (seed >> 31) & _MASK31, t - (1 << 31), scale)
+
+
+def relu_backward_into(grad_x: torch.Tensor, grad: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+    """The backward of ``dropout_into(out, x, seed, t, scale, relu=True)``: ``grad * scale`` where ``out > 0``, else
+    0 (the output is 0 wherever the ReLU or the mask zeroed). Dense tensors with equal strides.
+
+    Example:
+        >>> import torch
+        >>> gx = torch.empty(2, device='cuda')  # doctest: +SKIP
+        >>> y = torch.tensor([3., 0.], device='cuda')  # doctest: +SKIP
+        >>> relu_backward_into(gx, torch.ones(2, device='cuda'), y, 2.0)  # doctest: +SKIP
+        >>> gx.tolist()  # doctest: +SKIP
+        [2.0, 0.0]
+    """
+    _launch(_relu_backward_kernel, grad.numel(), grad, out, grad_x, grad.numel(), scale)
+
+
 def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: float,
                  add: Optional[torch.Tensor] = None, relu: bool = False) -> None:
     """Write the dropout of ``x`` (dense, same strides as ``out``; ``out`` may be ``x``) into ``out``: elements whose
@@ -73,13 +155,6 @@ def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: f
         True
     """
     n = x.numel()
-    if n == 0:  # an empty grid is not a launch triton accepts
-        return
     # the seed's 62 low bits as two non-negative int32s: always the same argument types, so no recompilation
-    args = (x, x if add is None else add, out, n, seed & _MASK31, (seed >> 31) & _MASK31, t - (1 << 31), scale)
-    grid = (triton.cdiv(n, BLOCK),)
-    if x.device.type == 'cuda':
-        with torch.cuda.device(x.device):  # triton launches on the current device
-            _dropout_kernel[grid](*args, BLOCK=BLOCK, HAS_ADD=add is not None, RELU=relu, num_warps=4)
-    else:  # TRITON_INTERPRET=1 runs the kernel on CPU tensors (the tests)
-        _dropout_kernel[grid](*args, BLOCK=BLOCK, HAS_ADD=add is not None, RELU=relu)
+    _launch(_dropout_kernel, n, x, x if add is None else add, out, n, seed & _MASK31, (seed >> 31) & _MASK31,
+            t - (1 << 31), scale, HAS_ADD=add is not None, RELU=relu)

@@ -34,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+from types import ModuleType
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -234,9 +236,9 @@ class _FusedDropout(torch.autograd.Function):
     strides before the mask is recomputed. ``inplace`` (for a dense ``x``) writes into ``x``. ``shortcut`` (dense,
     ``x``'s strides) is added in the same pass; its gradient is the output's, unchanged. ``relu`` (with
     ``shortcut``): a ReLU on the sum in the same pass; backward keeps the output for it, as the ReLU module would,
-    and passes the gradient through the ReLU's backward first. On the CPU, where autograd builds no graph of the
-    backward, one pass of the kernel writes both gradients; with ``create_graph`` it composes differentiable ops
-    with the same numbers (twice differentiable)."""
+    and passes the gradient through the ReLU's backward first. Where autograd builds no graph of the backward, one
+    pass of the kernel writes both gradients; with ``create_graph`` it composes differentiable ops with the same
+    numbers (twice differentiable)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, seed: int, t: int, inplace: bool, launch: Callable,
@@ -260,17 +262,27 @@ class _FusedDropout(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         if ctx.relu:  # the shortcut's gradient, and the dropout's input
             out, = ctx.saved_tensors
-            if ctx.launch is _native.dropout_into and not torch.is_grad_enabled():
-                # one pass of the C kernel for both gradients, where no graph of this backward is wanted
+            kernels = _backward_kernels(ctx.launch)
+            if kernels is not None and not torch.is_grad_enabled():
+                # one pass of the kernel for both gradients, where no graph of this backward is wanted
                 grad = _in_layout(grad, ctx.stride)
                 shortcut_grad, branch_grad = torch.empty_like(out), torch.empty_like(out)
-                _native.add_relu_backward_into(shortcut_grad, branch_grad, grad, out, ctx.seed, ctx.t,
+                kernels.add_relu_backward_into(shortcut_grad, branch_grad, grad, out, ctx.seed, ctx.t,
                                                _LEVELS32 / (_LEVELS32 - ctx.t))
                 return branch_grad, None, None, None, None, shortcut_grad, None
             grad = torch.ops.aten.threshold_backward(grad, out, 0)
         # gradients for the optional inputs too when they were not given: autograd accepts trailing Nones
         dropped = _FusedDropout.apply(_in_layout(grad, ctx.stride), ctx.seed, ctx.t, False, ctx.launch)
         return dropped, None, None, None, None, grad if ctx.added else None, None
+
+
+def _backward_kernels(launch: Callable) -> Optional[ModuleType]:
+    """The module whose one-pass backward kernels (``add_relu_backward_into``, ``relu_backward_into``) go with the
+    forward launcher ``launch``: the C kernel's or the Triton kernel's; None for any other launcher."""
+    if launch is _native.dropout_into:
+        return _native
+    gpu = sys.modules.get(f'{__package__}._triton')  # imported by _gpu_kernel only where triton works
+    return gpu if gpu is not None and launch is gpu.dropout_into else None
 
 
 def _in_layout(grad: torch.Tensor, stride: tuple) -> torch.Tensor:
@@ -283,8 +295,8 @@ def _in_layout(grad: torch.Tensor, stride: tuple) -> torch.Tensor:
 class _FusedReluDropout(torch.autograd.Function):
     """ReLU, then the kernel's dropout, written into ``z`` (a fresh BN output). Backward needs only the output (the
     gradient is ``scale`` where it is positive, 0 elsewhere), which the next conv keeps anyway: nothing is added to
-    what autograd holds, where the ReLU and the dropout as modules keep one more tensor. On the CPU that gradient is
-    one pass of the kernel (two ops of torch's) where autograd builds no graph of the backward."""
+    what autograd holds, where the ReLU and the dropout as modules keep one more tensor. That gradient is one pass
+    of the kernel (two ops of torch's) where autograd builds no graph of the backward."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, seed: int, t: int, launch: Callable) -> torch.Tensor:
@@ -297,11 +309,12 @@ class _FusedReluDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out, = ctx.saved_tensors
-        if ctx.launch is _native.dropout_into and not torch.is_grad_enabled():
-            # one pass of the C kernel where no graph of this backward is wanted: the same numbers
+        kernels = _backward_kernels(ctx.launch)
+        if kernels is not None and not torch.is_grad_enabled():
+            # one pass of the kernel where no graph of this backward is wanted: the same numbers
             grad = _in_layout(grad, out.stride())
             grad_z = torch.empty_like(out)
-            _native.relu_backward_into(grad_z, grad, out, ctx.scale)
+            kernels.relu_backward_into(grad_z, grad, out, ctx.scale)
             return grad_z, None, None, None
         return torch.ops.aten.threshold_backward(grad * ctx.scale, out, 0), None, None, None
 
