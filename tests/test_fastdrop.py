@@ -357,15 +357,25 @@ def test_triton_kernel_under_the_interpreter():
     assert ' passed' in run.stdout and ' failed' not in run.stdout and 'skipped' not in run.stdout
 
 
-def test_gpu_kernel_that_fails_its_probe_leaves_torchs_kernel(monkeypatch, caplog):
-    """A Triton kernel that cannot run (no compiler for this GPU, say) is found by its probe launches: a warning with
-    the reason, and tensors of its device go to torch's dropout."""
+@pytest.mark.parametrize('failing', ['dropout_into', 'add_relu_backward_into', 'relu_backward_into'])
+def test_gpu_kernel_that_fails_its_probe_leaves_torchs_kernel(monkeypatch, caplog, failing):
+    """A Triton kernel that cannot run (no compiler for this GPU, say) is found by its probe launches, the backward
+    kernels' included (which would otherwise fail in the middle of a step): a warning with the reason, and tensors
+    of its device go to torch's dropout."""
     import types
     broken = types.ModuleType('timm_dropfix._triton')
 
     def fail(*args):
         raise RuntimeError('ptxas not found')
-    broken.dropout_into = fail
+
+    def keep(x):  # a stand-in mask: every other element
+        return (torch.arange(x.numel()) % 2 == 0).view(x.shape)
+    # kernels that keep the contract on the probe's half and float dtypes, but for the one that fails
+    broken.dropout_into = lambda out, x, seed, t, scale: out.copy_(x * keep(x) * scale)
+    broken.add_relu_backward_into = lambda gs, gb, g, y, seed, t, scale: (
+        gs.copy_(torch.where(y <= 0, 0, g)), gb.copy_(gs * keep(g) * scale))
+    broken.relu_backward_into = lambda gx, g, y, scale: gx.copy_(torch.where(y <= 0, 0, g * scale))
+    setattr(broken, failing, fail)
     monkeypatch.setitem(sys.modules, 'timm_dropfix._triton', broken)
     monkeypatch.setattr(timm_dropfix, '_triton', broken, raising=False)
     monkeypatch.setattr(fastdrop, '_GPU_DEVICE', 'cpu')  # CPU tensors stand in for CUDA ones
@@ -526,3 +536,13 @@ def test_one_pass_backward_kernels_match_the_composed_backward(form):
             assert a.stride() == b.stride() or a.is_contiguous()
             torch.testing.assert_close(a, b.detach(), rtol=0, atol=0, equal_nan=True)
             assert torch.equal(a.signbit(), b.detach().signbit())
+
+
+def test_c_kernel_refuses_tensors_it_cannot_read():
+    """The C kernels read raw memory, so a tensor of another dtype or device is refused with a TypeError instead of
+    being read as float64 past its end."""
+    for x in (torch.ones(4, dtype=torch.float16), torch.ones(4, dtype=torch.bfloat16), torch.ones(4, device='meta')):
+        with pytest.raises(TypeError, match='CPU float32/float64'):
+            fastdrop._native.dropout_into(x, x, 1, 1 << 31, 2.0)
+        with pytest.raises(TypeError, match='CPU float32/float64'):
+            fastdrop._native.relu_backward_into(x, x, x, 2.0)

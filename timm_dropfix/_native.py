@@ -188,6 +188,9 @@ def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: f
 
 
 def _name(x: torch.Tensor) -> str:
+    # the kernels read raw memory: another dtype would be read (and written) past its end
+    if x.dtype not in (torch.float32, torch.float64) or x.device.type != 'cpu':
+        raise TypeError(f'the C dropout kernel takes CPU float32/float64 tensors, not {x.device.type} {x.dtype}')
     return 'tdf_dropout_f32' if x.dtype == torch.float32 else 'tdf_dropout_f64'
 
 

@@ -44,16 +44,22 @@ def _quarter(x_ptr, add_ptr, out_ptr, offs, n, word, t_signed, scale, HAS_ADD: t
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _program_words(seed_lo, seed_hi, QUARTER: tl.constexpr):
+    """The first quarter's offsets of this program and its four Philox words per offset (the mask's definition)."""
+    program = tl.program_id(0).to(tl.int64)
+    seed = (seed_hi.to(tl.uint64) << 31) | seed_lo.to(tl.uint64)
+    j = tl.arange(0, QUARTER)
+    w0, w1, w2, w3 = tl.randint4x(seed, program * QUARTER + j)
+    return program * 4 * QUARTER + j, w0, w1, w2, w3
+
+
 # the seed halves change on every call: no value specialisation, so one compiled kernel per dtype and size class
 @triton.jit(do_not_specialize=['seed_lo', 'seed_hi'])
 def _dropout_kernel(x_ptr, add_ptr, out_ptr, n, seed_lo, seed_hi, t_signed, scale, BLOCK: tl.constexpr,
                     HAS_ADD: tl.constexpr, RELU: tl.constexpr):
     QUARTER: tl.constexpr = BLOCK // 4
-    program = tl.program_id(0).to(tl.int64)
-    seed = (seed_hi.to(tl.uint64) << 31) | seed_lo.to(tl.uint64)
-    j = tl.arange(0, QUARTER)
-    w0, w1, w2, w3 = tl.randint4x(seed, program * QUARTER + j)
-    start = program * BLOCK + j
+    start, w0, w1, w2, w3 = _program_words(seed_lo, seed_hi, QUARTER)
     _quarter(x_ptr, add_ptr, out_ptr, start, n, w0, t_signed, scale, HAS_ADD, RELU)
     _quarter(x_ptr, add_ptr, out_ptr, start + QUARTER, n, w1, t_signed, scale, HAS_ADD, RELU)
     _quarter(x_ptr, add_ptr, out_ptr, start + 2 * QUARTER, n, w2, t_signed, scale, HAS_ADD, RELU)
@@ -75,11 +81,7 @@ def _split_quarter(g_ptr, y_ptr, gs_ptr, gb_ptr, offs, n, word, t_signed, scale)
 def _add_relu_backward_kernel(g_ptr, y_ptr, gs_ptr, gb_ptr, n, seed_lo, seed_hi, t_signed, scale,
                               BLOCK: tl.constexpr):
     QUARTER: tl.constexpr = BLOCK // 4
-    program = tl.program_id(0).to(tl.int64)
-    seed = (seed_hi.to(tl.uint64) << 31) | seed_lo.to(tl.uint64)
-    j = tl.arange(0, QUARTER)
-    w0, w1, w2, w3 = tl.randint4x(seed, program * QUARTER + j)
-    start = program * BLOCK + j
+    start, w0, w1, w2, w3 = _program_words(seed_lo, seed_hi, QUARTER)
     _split_quarter(g_ptr, y_ptr, gs_ptr, gb_ptr, start, n, w0, t_signed, scale)
     _split_quarter(g_ptr, y_ptr, gs_ptr, gb_ptr, start + QUARTER, n, w1, t_signed, scale)
     _split_quarter(g_ptr, y_ptr, gs_ptr, gb_ptr, start + 2 * QUARTER, n, w2, t_signed, scale)

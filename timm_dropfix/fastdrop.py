@@ -373,10 +373,16 @@ def _gpu_kernel() -> Optional[Callable]:
                 raise LookupError('no CUDA device')
             from . import _triton
             right = True
-            for dtype in _GPU_FLOATS:  # compiles the kernel for each dtype now, not in the middle of a step
+            for dtype in _GPU_FLOATS:  # compiles the kernels for each dtype now, not in the middle of a step
                 probe = torch.ones(8, device=_GPU_DEVICE, dtype=dtype)
                 _triton.dropout_into(probe, probe, 1, 1 << 31, 2.0)
-                right = right and set(probe.tolist()) <= {0.0, 2.0}
+                # the backward kernels, with the same seed: the ReLU's gradient of ones is 1 where the probe was
+                # kept (2) and 0 where dropped, and masked again it is the probe itself
+                ones, grads = torch.ones_like(probe), [torch.empty_like(probe) for _ in range(3)]
+                _triton.add_relu_backward_into(grads[0], grads[1], ones, probe, 1, 1 << 31, 2.0)
+                _triton.relu_backward_into(grads[2], ones, probe, 2.0)
+                right = (right and set(probe.tolist()) <= {0.0, 2.0} and torch.equal(grads[0] * 2, probe)
+                         and torch.equal(grads[1], probe) and torch.equal(grads[2], probe))
             if right:
                 launch = _triton.dropout_into
             else:
