@@ -546,3 +546,27 @@ def test_c_kernel_refuses_tensors_it_cannot_read():
             fastdrop._native.dropout_into(x, x, 1, 1 << 31, 2.0)
         with pytest.raises(TypeError, match='CPU float32/float64'):
             fastdrop._native.relu_backward_into(x, x, x, 2.0)
+
+
+@pytest.mark.parametrize('edit', [
+    ('out[i] = y[i] <= 0 ? 0 : g[i] * scale;', 'out[i] = y[i] <= 0 ? 0 : g[i];', 'relu backward'),
+    ('>= t ? scale : (T)0', '>= t / 2 ? scale : (T)0', 'dropout forward'),
+    ('if (y[16 * b + j] <= 0) a[j] = 0;', 'if (y[16 * b + j] < 0) a[j] = 0;', 'add_relu backward'),
+])
+def test_a_kernel_built_wrong_is_caught_by_its_self_test(tmp_path, monkeypatch, caplog, edit):
+    """Each process checks the library it loads against the kernels' definition (a compiler can vectorize such loops
+    wrongly: GCC 12.2 did, for one form of the backward): the library as built here passes; one whose source (standing
+    in for a wrong compilation) drops too few elements, forgets the scale or lets zeros through is refused with a
+    warning that names what differed, and the fast dropout keeps its torch-ops path."""
+    native = fastdrop._native
+    assert native._self_test(native.load()) is None
+    old, new, what = edit
+    source = native._SOURCE.read_text()
+    assert source.count(old) >= 1
+    wrong = tmp_path / 'dropout.c'
+    wrong.write_text(source.replace(old, new))
+    monkeypatch.setattr(native, '_SOURCE', wrong)
+    monkeypatch.setenv('TIMM_DROPFIX_CACHE_DIR', str(tmp_path / 'cache'))
+    with caplog.at_level('WARNING', logger=native.__name__):
+        assert native._build_and_load() is None
+    assert 'gives wrong results' in caplog.text and what in caplog.text and 'torch-ops path' in caplog.text
