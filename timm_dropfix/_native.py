@@ -163,18 +163,16 @@ def _prune(path: Path) -> None:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, real in (('tdf_dropout_f32', ctypes.c_float), ('tdf_dropout_f64', ctypes.c_double)):
-        tail = [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, real, ctypes.c_int]
-        # the pointers: x, then add's (the _add forms), then out's (all but the _inplace forms)
-        for suffix, pointers in (('', 2), ('_inplace', 1), ('_add', 3), ('_add_inplace', 2), ('_add_relu', 3),
-                                 ('_add_relu_inplace', 2), ('_relu', 2), ('_relu_inplace', 1)):
+        tail = [ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, real, ctypes.c_int]  # n, seed, t, scale, threads
+        # the pointers: x, then add's (the _add forms), then out's (all but the _inplace forms); the backward
+        # passes take grad and out, then the one or two gradients they write (_relu_backward: no seed, no t)
+        for suffix, pointers, rest in (('', 2, tail), ('_inplace', 1, tail), ('_add', 3, tail),
+                                       ('_add_inplace', 2, tail), ('_add_relu', 3, tail),
+                                       ('_add_relu_inplace', 2, tail), ('_relu', 2, tail), ('_relu_inplace', 1, tail),
+                                       ('_add_relu_backward', 4, tail),
+                                       ('_relu_backward', 3, [ctypes.c_int64, real, ctypes.c_int])):
             fn = getattr(lib, name + suffix)
-            fn.argtypes = [ctypes.c_void_p] * pointers + tail
-            fn.restype = None
-        # the backward passes: grad, out, then the one or two gradients they write
-        for suffix, args in (('_add_relu_backward', [ctypes.c_void_p] * 4 + tail),
-                             ('_relu_backward', [ctypes.c_void_p] * 3 + [ctypes.c_int64, real, ctypes.c_int])):
-            fn = getattr(lib, name + suffix)
-            fn.argtypes = args
+            fn.argtypes = [ctypes.c_void_p] * pointers + rest
             fn.restype = None
     return lib
 

@@ -29,14 +29,19 @@ _MASK31 = (1 << 31) - 1
 
 
 @triton.jit
+def _mask_factor(word, t_signed, scale):
+    """``scale`` where the element is kept (its unsigned word >= t), else 0: compared as signed 32-bit integers
+    after flipping the top bit of both sides."""
+    return tl.where((word ^ 0x80000000).to(tl.int32, bitcast=True) >= t_signed, scale, 0.0)
+
+
+@triton.jit
 def _quarter(x_ptr, add_ptr, out_ptr, offs, n, word, t_signed, scale, HAS_ADD: tl.constexpr, RELU: tl.constexpr):
     inside = offs < n
     x = tl.load(x_ptr + offs, mask=inside).to(tl.float32)
     if RELU and not HAS_ADD:
         x = tl.where(x < 0, 0.0, x)  # NaN stays NaN, as through torch's ReLU
-    # unsigned word >= t, compared as signed 32-bit integers after flipping the top bit of both sides
-    keep = (word ^ 0x80000000).to(tl.int32, bitcast=True) >= t_signed
-    y = x * tl.where(keep, scale, 0.0)
+    y = x * _mask_factor(word, t_signed, scale)
     if HAS_ADD:
         y += tl.load(add_ptr + offs, mask=inside).to(tl.float32)
         if RELU:  # the block's activation after the residual addition
@@ -73,8 +78,7 @@ def _split_quarter(g_ptr, y_ptr, gs_ptr, gb_ptr, offs, n, word, t_signed, scale)
     # the ReLU's gradient as torch's threshold_backward gives it: 0 where the output is <= 0 (NaN passes)
     gs = tl.where(y <= 0, 0.0, tl.load(g_ptr + offs, mask=inside).to(tl.float32))
     tl.store(gs_ptr + offs, gs.to(gs_ptr.dtype.element_ty), mask=inside)
-    keep = (word ^ 0x80000000).to(tl.int32, bitcast=True) >= t_signed
-    tl.store(gb_ptr + offs, (gs * tl.where(keep, scale, 0.0)).to(gb_ptr.dtype.element_ty), mask=inside)
+    tl.store(gb_ptr + offs, (gs * _mask_factor(word, t_signed, scale)).to(gb_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit(do_not_specialize=['seed_lo', 'seed_hi'])

@@ -262,9 +262,8 @@ class _FusedDropout(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         if ctx.relu:  # the shortcut's gradient, and the dropout's input
             out, = ctx.saved_tensors
-            kernels = _backward_kernels(ctx.launch)
-            if kernels is not None and not torch.is_grad_enabled():
-                # one pass of the kernel for both gradients, where no graph of this backward is wanted
+            kernels = _one_pass_backward(ctx.launch)
+            if kernels is not None:  # one pass of the kernel for both gradients
                 grad = _in_layout(grad, ctx.stride)
                 shortcut_grad, branch_grad = torch.empty_like(out), torch.empty_like(out)
                 kernels.add_relu_backward_into(shortcut_grad, branch_grad, grad, out, ctx.seed, ctx.t,
@@ -276,9 +275,12 @@ class _FusedDropout(torch.autograd.Function):
         return dropped, None, None, None, None, grad if ctx.added else None, None
 
 
-def _backward_kernels(launch: Callable) -> Optional[ModuleType]:
+def _one_pass_backward(launch: Callable) -> Optional[ModuleType]:
     """The module whose one-pass backward kernels (``add_relu_backward_into``, ``relu_backward_into``) go with the
-    forward launcher ``launch``: the C kernel's or the Triton kernel's; None for any other launcher."""
+    forward launcher ``launch`` (the C kernel's or the Triton kernel's), where autograd builds no graph of this
+    backward; None for any other launcher, or under ``create_graph`` (the kernels are not differentiable)."""
+    if torch.is_grad_enabled():
+        return None
     if launch is _native.dropout_into:
         return _native
     gpu = sys.modules.get(f'{__package__}._triton')  # imported by _gpu_kernel only where triton works
@@ -309,9 +311,8 @@ class _FusedReluDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out, = ctx.saved_tensors
-        kernels = _backward_kernels(ctx.launch)
-        if kernels is not None and not torch.is_grad_enabled():
-            # one pass of the kernel where no graph of this backward is wanted: the same numbers
+        kernels = _one_pass_backward(ctx.launch)
+        if kernels is not None:  # one pass of the kernel: the same numbers
             grad = _in_layout(grad, out.stride())
             grad_z = torch.empty_like(out)
             kernels.relu_backward_into(grad_z, grad, out, ctx.scale)

@@ -17,6 +17,9 @@ static inline uint64_t splitmix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
+/* The hash that decides the elements 16 b + j and 16 b + 8 + j (j < 8): the mask's definition, in one place. */
+#define TDF_HASH(b, j) splitmix64(seed + (uint64_t)(8 * (b) + (j) + 1) * GAMMA)
+
 /* The 64-bit multiplies vectorize with AVX-512DQ; target_clones picks the widest the running CPU has, so one build
  * serves every x86-64 machine that shares the cache folder. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(TDF_NO_CLONES)
@@ -46,13 +49,13 @@ static inline uint64_t splitmix64(uint64_t z) {
     _Pragma("omp parallel for if(n >= TDF_PARALLEL_MIN) num_threads(threads) schedule(static)")                    \
     for (int64_t b = 0; b < blocks; ++b) {                                                                         \
         uint64_t h[8];                                                                                             \
-        for (int j = 0; j < 8; ++j) h[j] = splitmix64(seed + (uint64_t)(8 * b + j + 1) * GAMMA);                  \
+        for (int j = 0; j < 8; ++j) h[j] = TDF_HASH(b, j);                                                          \
         for (int j = 0; j < 8; ++j) DST[16 * b + j] = VAL(16 * b + j, TDF_KEEP(T, h[j], 0));                      \
         for (int j = 0; j < 8; ++j) DST[16 * b + 8 + j] = VAL(16 * b + 8 + j, TDF_KEEP(T, h[j], 1));              \
     }                                                                                                              \
     for (int64_t i = 16 * blocks; i < n; ++i) {                                                                    \
         int64_t k = i - 16 * blocks;                                                                               \
-        uint64_t h = splitmix64(seed + (uint64_t)(8 * blocks + (k & 7) + 1) * GAMMA);                              \
+        uint64_t h = TDF_HASH(blocks, k & 7);                                                                      \
         DST[i] = VAL(i, TDF_KEEP(T, h, k >> 3));                                                                   \
     }
 
@@ -98,13 +101,13 @@ static inline uint64_t splitmix64(uint64_t z) {
                 if (y[16 * b + j] <= 0) a[j] = 0;                                                                  \
             }                                                                                                      \
             for (int j = 0; j < 16; ++j) gs[16 * b + j] = a[j];                                                    \
-            for (int j = 0; j < 8; ++j) h[j] = splitmix64(seed + (uint64_t)(8 * b + j + 1) * GAMMA);              \
+            for (int j = 0; j < 8; ++j) h[j] = TDF_HASH(b, j);                                                      \
             for (int j = 0; j < 8; ++j) gb[16 * b + j] = a[j] * TDF_KEEP(T, h[j], 0);                              \
             for (int j = 0; j < 8; ++j) gb[16 * b + 8 + j] = a[8 + j] * TDF_KEEP(T, h[j], 1);                      \
         }                                                                                                          \
         for (int64_t i = 16 * blocks; i < n; ++i) {                                                                \
             int64_t k = i - 16 * blocks;                                                                           \
-            uint64_t h = splitmix64(seed + (uint64_t)(8 * blocks + (k & 7) + 1) * GAMMA);                          \
+            uint64_t h = TDF_HASH(blocks, k & 7);                                                                  \
             gs[i] = y[i] <= 0 ? 0 : g[i];                                                                          \
             gb[i] = gs[i] * TDF_KEEP(T, h, k >> 3);                                                                \
         }                                                                                                          \
