@@ -24,7 +24,17 @@ __all__ = ['DropfixBlockMixin', 'DROPFIX_BLOCKS', 'dropfix_block_class', 'is_dro
 
 
 class DropfixBlockMixin:
-    """What every dropfix block shares: the kind of block and a helper that drops at one named place."""
+    """What every dropfix block shares: the kind of block and a helper that drops at one named place.
+
+    Blocks get their dropfix class from :func:`timm_dropfix.rewrite` (a class swap) or from the registered
+    ``*_dropfix`` models; the position names are :data:`timm_dropfix.BRANCH_POSITIONS`.
+
+    Example:
+        >>> import timm, timm_dropfix
+        >>> block = timm_dropfix.rewrite(timm.create_model('resnet18'), branch_drop_rate=0.1).layer1[0]
+        >>> block.dropfix_kind, block.branch_drop_at, block.branch_drop.p
+        ('postact', 'branch_end', 0.1)
+    """
     dropfix_kind: str = PREACT
     dropfix_num_convs: int = 3
     branch_drop: nn.Module
@@ -73,7 +83,14 @@ class DropfixBlockMixin:
 
 
 class DropfixPreActBasic(DropfixBlockMixin, timm_resnetv2.PreActBasic):
-    """timm ``PreActBasic`` (BN-ReLU-conv3x3-BN-ReLU-conv3x3) with one branch dropout."""
+    """timm ``PreActBasic`` (BN-ReLU-conv3x3-BN-ReLU-conv3x3) with one branch dropout.
+
+    Example:
+        >>> import timm, timm_dropfix
+        >>> block = timm_dropfix.rewrite(timm.create_model('resnetv2_18')).stages[0].blocks[0]
+        >>> type(block).__name__, block.branch_drop_at
+        ('DropfixPreActBasic', 'before_last_conv')
+    """
     dropfix_kind = PREACT
     dropfix_num_convs = 2
 
@@ -93,7 +110,14 @@ class DropfixPreActBasic(DropfixBlockMixin, timm_resnetv2.PreActBasic):
 
 
 class DropfixPreActBottleneck(DropfixBlockMixin, timm_resnetv2.PreActBottleneck):
-    """timm ``PreActBottleneck`` (BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1) with one branch dropout."""
+    """timm ``PreActBottleneck`` (BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1) with one branch dropout.
+
+    Example:
+        >>> import timm, timm_dropfix
+        >>> block = timm_dropfix.rewrite(timm.create_model('resnetv2_50')).stages[0].blocks[0]
+        >>> type(block).__name__, block.branch_drop_at
+        ('DropfixPreActBottleneck', 'before_last_conv')
+    """
     dropfix_kind = PREACT
     dropfix_num_convs = 3
 
@@ -114,7 +138,14 @@ class DropfixPreActBottleneck(DropfixBlockMixin, timm_resnetv2.PreActBottleneck)
 
 
 class DropfixV2Bottleneck(DropfixBlockMixin, timm_resnetv2.Bottleneck):
-    """timm ResNetV2's post-activation ``Bottleneck`` (``preact=False`` models) with one branch dropout."""
+    """timm ResNetV2's post-activation ``Bottleneck`` (``preact=False`` models) with one branch dropout.
+
+    Example:
+        >>> import timm, timm_dropfix
+        >>> block = timm_dropfix.rewrite(timm.create_model('resnetv2_50', preact=False)).stages[0].blocks[0]
+        >>> type(block).__name__, block.branch_drop_at
+        ('DropfixV2Bottleneck', 'branch_end')
+    """
     dropfix_kind = POSTACT
     dropfix_num_convs = 3
 
@@ -132,7 +163,14 @@ class DropfixV2Bottleneck(DropfixBlockMixin, timm_resnetv2.Bottleneck):
 
 
 class DropfixBasicBlock(DropfixBlockMixin, timm_resnet.BasicBlock):
-    """timm ``BasicBlock`` (resnet18/34 family) with one branch dropout; DropBlock, SE and drop_path kept."""
+    """timm ``BasicBlock`` (resnet18/34 family) with one branch dropout; DropBlock, SE and drop_path kept.
+
+    Example:
+        >>> import timm, timm_dropfix
+        >>> block = timm_dropfix.rewrite(timm.create_model('resnet18')).layer1[0]
+        >>> type(block).__name__, block.branch_drop_at
+        ('DropfixBasicBlock', 'branch_end')
+    """
     dropfix_kind = POSTACT
     dropfix_num_convs = 2
 
@@ -155,7 +193,14 @@ class DropfixBasicBlock(DropfixBlockMixin, timm_resnet.BasicBlock):
 
 
 class DropfixBottleneck(DropfixBlockMixin, timm_resnet.Bottleneck):
-    """timm ``Bottleneck`` (resnet50+, resnet*d, seresnet*, resnext*, wide_resnet*) with one branch dropout."""
+    """timm ``Bottleneck`` (resnet50+, resnet*d, seresnet*, resnext*, wide_resnet*) with one branch dropout.
+
+    Example:
+        >>> import timm, timm_dropfix
+        >>> block = timm_dropfix.rewrite(timm.create_model('resnet50')).layer1[0]
+        >>> type(block).__name__, block.branch_drop_at
+        ('DropfixBottleneck', 'branch_end')
+    """
     dropfix_kind = POSTACT
     dropfix_num_convs = 3
 
@@ -180,7 +225,14 @@ class DropfixBottleneck(DropfixBlockMixin, timm_resnet.Bottleneck):
 
 
 class DropfixTvBasicBlock(DropfixBlockMixin, tv_resnet.BasicBlock):
-    """torchvision ``BasicBlock`` with one branch dropout."""
+    """torchvision ``BasicBlock`` with one branch dropout.
+
+    Example:
+        >>> import torchvision, timm_dropfix
+        >>> block = timm_dropfix.rewrite(torchvision.models.resnet18()).layer1[0]
+        >>> type(block).__name__, block.branch_drop_at
+        ('DropfixTvBasicBlock', 'branch_end')
+    """
     dropfix_kind = POSTACT
     dropfix_num_convs = 2
 
@@ -197,7 +249,14 @@ class DropfixTvBasicBlock(DropfixBlockMixin, tv_resnet.BasicBlock):
 
 
 class DropfixTvBottleneck(DropfixBlockMixin, tv_resnet.Bottleneck):
-    """torchvision ``Bottleneck`` (resnet50+, resnext*, wide_resnet*) with one branch dropout."""
+    """torchvision ``Bottleneck`` (resnet50+, resnext*, wide_resnet*) with one branch dropout.
+
+    Example:
+        >>> import torchvision, timm_dropfix
+        >>> block = timm_dropfix.rewrite(torchvision.models.resnet50()).layer1[0]
+        >>> type(block).__name__, block.branch_drop_at
+        ('DropfixTvBottleneck', 'branch_end')
+    """
     dropfix_kind = POSTACT
     dropfix_num_convs = 3
 

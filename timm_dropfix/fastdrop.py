@@ -298,7 +298,9 @@ class _FusedReluDropout(torch.autograd.Function):
     """ReLU, then the kernel's dropout, written into ``z`` (a fresh BN output). Backward needs only the output (the
     gradient is ``scale`` where it is positive, 0 elsewhere), which the next conv keeps anyway: nothing is added to
     what autograd holds, where the ReLU and the dropout as modules keep one more tensor. That gradient is one pass
-    of the kernel (two ops of torch's) where autograd builds no graph of the backward."""
+    of the kernel (two ops of torch's) where autograd builds no graph of the backward. One difference from the
+    modules, by design: a NaN or inf arriving in the gradient at a dropped position gives 0 here (the position is
+    not in the output), where the modules' backward multiplies it by the mask's 0 and passes NaN on."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, seed: int, t: int, launch: Callable) -> torch.Tensor:

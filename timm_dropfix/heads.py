@@ -98,7 +98,18 @@ class PrePoolDropoutHead(ClassifierHead):
     """
 
     def reset(self, num_classes: int, pool_type: Optional[str] = None, *args: Any, **kwargs: Any) -> None:
-        """ClassifierHead's reset; a max-type ``pool_type`` is refused while a dropout runs before the pool."""
+        """ClassifierHead's reset; a max-type ``pool_type`` is refused while a dropout runs before the pool.
+
+        Example:
+            >>> head = PrePoolDropoutHead(64, 10, drop_rate=0.2)
+            >>> head.reset(5)
+            >>> head.fc.out_features
+            5
+            >>> head.reset(5, pool_type='max')
+            Traceback (most recent call last):
+            ...
+            ValueError: ...
+        """
         check_pool_for_dropout(pool_type, self.drop, type(self).__name__)
         super().reset(num_classes, pool_type, *args, **kwargs)
 
@@ -112,7 +123,14 @@ class PrePoolDropoutHead(ClassifierHead):
 
 
 class HeadDropMixin:
-    """A model whose own forward applies ``self.head_drop`` before or after pooling (``self.head_drop_at``)."""
+    """A model whose own forward applies ``self.head_drop`` before or after pooling (``self.head_drop_at``).
+
+    Example:
+        >>> import torchvision, timm_dropfix
+        >>> model = timm_dropfix.rewrite(torchvision.models.resnet18(), head_drop_rate=0.3)
+        >>> model.head_drop_at, model.head_drop.p
+        ('before_pool', 0.3)
+    """
     head_drop: nn.Module
     head_drop_at: str = 'none'
 
@@ -157,12 +175,28 @@ class DropfixResNet(HeadDropMixin, ResNet):
         rewrite(self, branch_drop_rate, drop_rate, branch_position, head_position)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """timm's reset_classifier; a max-type ``global_pool`` is refused while the head drops before the pool."""
+        """timm's reset_classifier; a max-type ``global_pool`` is refused while the head drops before the pool.
+
+        Example:
+            >>> import timm, timm_dropfix
+            >>> model = timm_dropfix.rewrite(timm.create_model('resnet18'))
+            >>> model.reset_classifier(37)
+            >>> model.fc.out_features
+            37
+        """
         if self.head_drop_at == 'before_pool':
             check_pool_for_dropout(global_pool, self.head_drop, type(self).__name__)
         super().reset_classifier(num_classes, global_pool)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's forward_head with the head dropout at ``head_drop_at`` (a no-op in eval mode).
+
+        Example:
+            >>> import torch, timm, timm_dropfix
+            >>> model = timm_dropfix.rewrite(timm.create_model('resnet18', num_classes=10)).eval()
+            >>> model.forward_head(torch.randn(2, 512, 7, 7), pre_logits=True).shape
+            torch.Size([2, 512])
+        """
         x = self._hd(x, 'before_pool')
         x = self.global_pool(x)
         x = self._hd(x, 'after_pool')

@@ -43,7 +43,18 @@ _TWINS = {
 
 
 class UnsupportedModelError(ValueError):
-    """Raised for a model that has no residual block ``rewrite`` knows, or that is wrapped (DDP, torch.compile)."""
+    """Raised for a model that has no residual block ``rewrite`` knows, or that is wrapped (DDP, torch.compile).
+
+    A ``ValueError`` subclass, so code that catches bad arguments catches it too; the message names what is supported.
+
+    Example:
+        >>> import torch, timm_dropfix
+        >>> try:
+        ...     timm_dropfix.rewrite(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        ... except timm_dropfix.UnsupportedModelError as e:
+        ...     print('refused')
+        refused
+    """
 
 
 @dataclass
@@ -66,7 +77,14 @@ class DropfixSummary:
     head_position: str = 'none'
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready dict (used in configs and model cards)."""
+        """JSON-ready dict (used in configs and model cards).
+
+        Example:
+            >>> import timm, timm_dropfix
+            >>> d = timm_dropfix.summarize(timm_dropfix.rewrite(timm.create_model('resnet18'))).to_dict()
+            >>> d['branch_drop_rate'], d['head_drop_rate']
+            (0.1, 0.2)
+        """
         return asdict(self)
 
     def __str__(self) -> str:
