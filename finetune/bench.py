@@ -66,7 +66,15 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any
 
 def summarize_runs(runs: dict[str, dict[int, dict]], baseline: str, descriptions: dict[str, str],
                    setup: dict[str, Any]) -> dict[str, Any]:
-    """results.json content from ``{variant: {seed: metrics}}``."""
+    """results.json content from ``{variant: {seed: metrics}}``.
+
+    Example:
+        >>> m = lambda top1: dict(top1=top1, mean_class_acc=top1, top5=1.0, nll=0.5, ece=0.05)
+        >>> runs = {'none': {0: m(0.6), 1: m(0.6)}, 'recommended': {0: m(0.7), 1: m(0.8)}}
+        >>> r = summarize_runs(runs, 'none', {'none': 'no dropout'}, setup={})
+        >>> r['variants']['recommended']['n'], round(r['comparisons']['recommended']['top1']['mean'], 3)
+        (2, 0.15)
+    """
     variants = {}
     for name, by_seed in runs.items():
         stats = {}
@@ -155,7 +163,16 @@ def plot_results(results: dict[str, Any], path: str | Path, unit: str = 'seed') 
 
 def run_bench(base: TrainConfig, variants: Sequence[str], seeds: Sequence[int], baseline: str = 'timm_default',
               ) -> dict[str, Any]:
-    """Run (or resume) the grid and write results.json, results.md and results.png into ``base.output_dir``."""
+    """Run (or resume) the grid and write results.json, results.md and results.png into ``base.output_dir``.
+
+    Example:
+        >>> results = run_bench(TrainConfig(model='resnet18', epochs=1, output_dir='runs/bench'),
+        ...                     ['timm_default', 'recommended'], seeds=[0, 1])                # doctest: +SKIP
+        >>> run_bench(TrainConfig(), ['timm_default'], seeds=[0], baseline='none')
+        Traceback (most recent call last):
+        ...
+        finetune.errors.FinetuneError: --baseline 'none' is not among --variants ['timm_default']
+    """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise FinetuneError(f'unknown bench variant(s) {unknown}; choose from {", ".join(VARIANTS)}')

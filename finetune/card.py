@@ -32,7 +32,15 @@ def _fmt(v: Any) -> str:
 
 
 def describe_dropout(dropfix: dict | None, summary: str | None) -> str:
-    """One paragraph on the dropout placement (from ``timm_dropfix.dropfix_config`` / ``summarize``)."""
+    """One paragraph on the dropout placement (from ``timm_dropfix.dropfix_config`` / ``summarize``).
+
+    Example:
+        >>> describe_dropout(None, None).split(':')[0]
+        'Not rewritten by timm_dropfix'
+        >>> cfg = dict(branch_drop_rate=0.1, branch_position='recommended', head_drop_rate=0.2, head_position='none')
+        >>> describe_dropout(cfg, None).split(' in every')[0]
+        '`timm_dropfix.rewrite` with branch dropout p=0.1 at `recommended`'
+    """
     if dropfix is None:
         text = ('Not rewritten by timm_dropfix: dropout as the architecture defines it '
                 '(timm ResNets: optional `drop_rate` after global pooling).')
@@ -47,7 +55,17 @@ def describe_dropout(dropfix: dict | None, summary: str | None) -> str:
 
 
 def bench_comparison(results_path: str | Path) -> str:
-    """The markdown comparison table of a ``finetune bench`` results.json."""
+    """The markdown comparison table of a ``finetune bench`` results.json.
+
+    Example:
+        >>> import tempfile
+        >>> from finetune.bench import summarize_runs
+        >>> m = dict(top1=0.7, mean_class_acc=0.7, top5=0.9, nll=1.0, ece=0.1)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = Path(d, 'results.json').write_text(json.dumps(summarize_runs({'none': {0: m}}, 'none', {}, {})))
+        ...     bench_comparison(Path(d, 'results.json')).splitlines()[-1]
+        '| none |  | 1 | 0.7000 +- 0.0000 | 0.7000 +- 0.0000 | 1.000 | 0.100 | (baseline) |'
+    """
     from .bench import results_markdown  # local: bench imports train, which the card must not need
     return results_markdown(json.loads(Path(results_path).read_text()), heading=False)
 
@@ -64,6 +82,15 @@ def render_card(hf_config: dict, train_config: dict, metrics: dict, info: dict,
             ``eval_split``.
         repo_id: Hub id the card is for (None: a local folder).
         bench_results: optional bench results.json whose comparison table is included.
+
+    Returns:
+        The README.md text: YAML metadata between ``---`` lines, then the markdown body.
+
+    Example:
+        >>> card = render_card({'architecture': 'resnet18', 'num_classes': 3}, {'dataset': 'pets'},
+        ...                    dict(top1=0.9, top5=1.0, mean_class_acc=0.88, n=30), {}, repo_id='me/resnet18-pets')
+        >>> card.startswith('---'), "timm.create_model('hf-hub:me/resnet18-pets', pretrained=True)" in card
+        (True, True)
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
     dataset = train_config.get('dataset', 'pets')
@@ -109,7 +136,13 @@ def render_card(hf_config: dict, train_config: dict, metrics: dict, info: dict,
 
 def render_card_from_folder(folder: str | Path, repo_id: str | None = None,
                             bench_results: str | Path | None = None) -> str:
-    """Re-render the card of a model folder written by ``finetune train``."""
+    """Re-render the card of a model folder written by ``finetune train``.
+
+    Example:
+        >>> text = render_card_from_folder('runs/pets/model', repo_id='me/resnet50-pets')   # doctest: +SKIP
+        >>> 'hf-hub:me/resnet50-pets' in text                                                # doctest: +SKIP
+        True
+    """
     folder = Path(folder)
     hf_config = json.loads((folder / 'config.json').read_text())
     train_config = json.loads((folder / TRAINING_CONFIG).read_text())

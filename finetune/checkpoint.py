@@ -14,15 +14,26 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import FinetuneError
+
+if TYPE_CHECKING:  # accelerate is only needed by the caller that passes an Accelerator in
+    from accelerate import Accelerator
 
 STATE_FILE = 'trainer_state.json'
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file + rename, so readers see the old or the new file, never half."""
+    """Write ``text`` to ``path`` through a temp file + rename, so readers see the old or the new file, never half.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     write_text_atomic(Path(d, 'LATEST'), 'epoch_0001')
+        ...     sorted(os.listdir(d)), Path(d, 'LATEST').read_text()
+        (['LATEST'], 'epoch_0001')
+    """
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp')
     with open(tmp, 'w') as f:
@@ -32,12 +43,16 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, epoch: int, trainer_state: dict[str, Any],
+def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, epoch: int, trainer_state: dict[str, Any],
                     keep: int = 1) -> Path:
     """Save model, optimizer and every process's RNG state (accelerate's save_state) after ``epoch``.
 
     Must be called on all processes. ``trainer_state`` (epoch, step, history, model signature) is stored beside
     accelerate's files. Older checkpoints beyond ``keep`` are removed after the pointer has moved.
+
+    Example:
+        >>> save_checkpoint(accelerator, 'runs/pets', 3, {'epoch': 3}, keep=2)   # doctest: +SKIP
+        PosixPath('runs/pets/checkpoints/epoch_0003')
     """
     root = Path(run_dir) / 'checkpoints'
     name = f'epoch_{epoch:04d}'
@@ -78,7 +93,16 @@ def resume_or_restart(run_dir: str | Path, remove: bool = True) -> str | None:
 
 
 def find_checkpoint(resume: str, run_dir: str | Path) -> Path:
-    """Resolve ``--resume`` ('auto' = RUN_DIR, or a run folder, a checkpoints folder, or one checkpoint)."""
+    """Resolve ``--resume`` ('auto' = RUN_DIR, or a run folder, a checkpoints folder, or one checkpoint).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     ck = Path(d, 'checkpoints', 'epoch_0002'); ck.mkdir(parents=True)
+        ...     write_text_atomic(ck / STATE_FILE, '{}'); write_text_atomic(ck.parent / 'LATEST', 'epoch_0002')
+        ...     find_checkpoint('auto', d).name
+        'epoch_0002'
+    """
     p = Path(run_dir) if resume == 'auto' else Path(resume)
     for ptr_dir in (p / 'checkpoints', p):
         ptr = ptr_dir / 'LATEST'
@@ -98,6 +122,10 @@ def scheduler_state(ckpt: str | Path, trainer_state: dict[str, Any]) -> dict[str
     Newer checkpoints keep it in ``trainer_state.json``. Those of earlier versions hold it as accelerate's
     ``custom_checkpoint_0.pkl``, which accelerate would unpickle with ``weights_only=False``; it is read here with
     ``weights_only=True``, and anything but plain data is refused.
+
+    Example:
+        >>> scheduler_state('runs/pets/checkpoints/epoch_0003', {'scheduler': {'last_epoch': 12}})
+        {'last_epoch': 12}
     """
     import torch
     if 'scheduler' in trainer_state:  # custom_checkpoint files beside it are never unpickled
@@ -120,10 +148,13 @@ def _custom_pickles(ckpt: str | Path) -> list[Path]:
     return sorted(Path(ckpt).glob('custom_checkpoint_*.pkl'))
 
 
-def load_checkpoint(accelerator, ckpt: str | Path) -> None:
+def load_checkpoint(accelerator: Accelerator, ckpt: str | Path) -> None:
     """``accelerator.load_state(ckpt)`` (model, optimizer, every process's RNG state), leaving out the pickled
     scheduler of an earlier version's checkpoint (see :func:`scheduler_state`): accelerate then loads from a
     temporary folder of links to the other files. A damaged checkpoint is a FinetuneError that says what to do.
+
+    Example:
+        >>> load_checkpoint(accelerator, find_checkpoint('auto', 'runs/pets'))   # doctest: +SKIP
     """
     import tempfile
     ckpt = Path(ckpt)
@@ -138,7 +169,7 @@ def load_checkpoint(accelerator, ckpt: str | Path) -> None:
         _load_state(accelerator, tmp, ckpt)
 
 
-def _load_state(accelerator, folder: str | Path, ckpt: Path) -> None:
+def _load_state(accelerator: Accelerator, folder: str | Path, ckpt: Path) -> None:
     try:
         accelerator.load_state(str(folder))
     except Exception as e:  # a file damaged or removed after the pointer moved: torch, safetensors, pickle errors
@@ -148,12 +179,28 @@ def _load_state(accelerator, folder: str | Path, ckpt: Path) -> None:
 
 
 def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
-    """The ``trainer_state.json`` of a checkpoint."""
+    """The ``trainer_state.json`` of a checkpoint.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     write_text_atomic(Path(d, STATE_FILE), '{"epoch": 3}')
+        ...     read_trainer_state(d)
+        {'epoch': 3}
+    """
     return json.loads((Path(ckpt) / STATE_FILE).read_text())
 
 
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], ckpt: Path) -> None:
-    """Refuse to resume a checkpoint written for a different network (name, head size, strides, dropout)."""
+    """Refuse to resume a checkpoint written for a different network (name, head size, strides, dropout).
+
+    Example:
+        >>> check_same_model({'num_classes': 37}, {'num_classes': 37}, Path('ck'))
+        >>> check_same_model({'num_classes': 37}, {'num_classes': 10}, Path('ck'))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        finetune.errors.FinetuneError: --resume: ck was written for another model (num_classes: checkpoint 37 ...
+    """
     diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
     if diff:
         details = '; '.join(f'{k}: checkpoint {a!r} vs now {b!r}' for k, (a, b) in sorted(diff.items()))

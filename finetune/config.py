@@ -25,7 +25,13 @@ HEAD_POSITIONS = ('before_pool', 'after_pool', 'before_pool_channel', 'none')
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a fine-tuning run. Defaults are the recipe tuned on pets370 (see README)."""
+    """Everything that defines a fine-tuning run. Defaults are the recipe tuned on pets370 (see README).
+
+    Example:
+        >>> cfg = TrainConfig(model='resnet18', epochs=1)
+        >>> cfg.model, cfg.epochs, cfg.batch_size
+        ('resnet18', 1, 16)
+    """
 
     # data
     dataset: str = 'pets'                 # 'pets' (torchvision OxfordIIITPet) or 'imagefolder' (DIR/train, DIR/val)
@@ -98,16 +104,35 @@ class TrainConfig:
     license: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of all fields."""
+        """Plain dict of all fields.
+
+        Example:
+            >>> TrainConfig(seed=3).to_dict()['seed']
+            3
+        """
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        """JSON text of the config (sorted keys, so equal configs give equal text)."""
+        """JSON text of the config (sorted keys, so equal configs give equal text).
+
+        Example:
+            >>> json.loads(TrainConfig(epochs=2).to_json())['epochs']
+            2
+        """
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> 'TrainConfig':
-        """Build from a dict; unknown keys are an error so a typo never passes silently."""
+        """Build from a dict; unknown keys are an error so a typo never passes silently.
+
+        Example:
+            >>> TrainConfig.from_dict({'model': 'resnet18'}).model
+            'resnet18'
+            >>> TrainConfig.from_dict({'modle': 'resnet18'})
+            Traceback (most recent call last):
+                ...
+            ValueError: unknown TrainConfig keys: ['modle']
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -116,16 +141,35 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> 'TrainConfig':
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json`; fields missing from ``text`` keep their defaults.
+
+        Example:
+            >>> TrainConfig.from_json('{"epochs": 2}') == TrainConfig(epochs=2)
+            True
+        """
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes: Any) -> 'TrainConfig':
-        """Copy with some fields changed (``bench`` uses this for each variant and seed)."""
+        """Copy with some fields changed (``bench`` uses this for each variant and seed).
+
+        Example:
+            >>> cfg = TrainConfig()
+            >>> cfg.replace(seed=1).seed, cfg.seed
+            (1, 0)
+        """
         return dataclasses.replace(self, **changes)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    """Add every TrainConfig option to ``p`` (shared by ``train`` and ``bench``)."""
+    """Add every TrainConfig option to ``p`` (shared by ``train`` and ``bench``).
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_train_args(p)
+        >>> args = p.parse_args(['--model', 'resnet18', '--rewrite', '--no-fast-data'])
+        >>> args.model, args.rewrite, args.fast_data
+        ('resnet18', True, False)
+    """
     d = TrainConfig()
     g = p.add_argument_group('data')
     g.add_argument('--dataset', choices=('pets', 'imagefolder'), default=d.dataset)
@@ -210,6 +254,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Pick the TrainConfig fields out of a parsed namespace (extra attributes such as ``command`` are ignored)."""
+    """Pick the TrainConfig fields out of a parsed namespace (extra attributes such as ``command`` are ignored).
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_train_args(p)
+        >>> config_from_args(p.parse_args(['--epochs', '2'])) == TrainConfig(epochs=2)
+        True
+    """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})

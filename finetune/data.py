@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -30,6 +30,11 @@ def pets_samples(data_dir: str | Path, split: str, download: bool = False) -> tu
     """Oxford-IIIT Pets ``split`` ('trainval' or 'test') as samples and the 37 class names.
 
     Class names cover both split files, so a subset whose split lacks a breed still gets every name.
+
+    Example:
+        >>> samples, classes = pets_samples('../shared/data/pets370', 'test')   # doctest: +SKIP
+        >>> len(samples), len(classes)                                          # doctest: +SKIP
+        (185, 37)
     """
     from torchvision.datasets import OxfordIIITPet
     root = Path(data_dir)
@@ -59,7 +64,13 @@ def pets_samples(data_dir: str | Path, split: str, download: bool = False) -> tu
 
 
 def imagefolder_samples(data_dir: str | Path) -> tuple[list[Sample], list[Sample], list[str]]:
-    """``DIR/train`` and ``DIR/val`` in torchvision ImageFolder layout; both must have the same classes."""
+    """``DIR/train`` and ``DIR/val`` in torchvision ImageFolder layout; both must have the same classes.
+
+    Example:
+        >>> train, val, classes = imagefolder_samples('data/flowers')   # doctest: +SKIP
+        >>> classes[:2]                                                   # doctest: +SKIP
+        ['daisy', 'dandelion']
+    """
     root = Path(data_dir)
     for sub in ('train', 'val'):
         if not (root / sub).is_dir():
@@ -110,6 +121,14 @@ def check_images(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
 
     JPEGs are decoded at reduced scale (``Image.draft``), which still walks the whole file, so truncation is found
     at a fraction of the cost of a full decode.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     Image.new('RGB', (4, 4)).save(Path(d, 'ok.png')); _ = Path(d, 'bad.png').write_bytes(b'junk')
+        ...     good, bad = check_images([(str(Path(d, 'ok.png')), 0), (str(Path(d, 'bad.png')), 1)])
+        >>> len(good), [Path(p).name for p in bad]
+        (1, ['bad.png'])
     """
     good, bad = [], []
     for path, label in samples:
@@ -125,7 +144,12 @@ def check_images(samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
 
 
 def limit_samples(samples: Sequence[Sample], n: int | None) -> list[Sample]:
-    """First ``n`` samples taken round-robin over classes (deterministic), so a small budget still sees every class."""
+    """First ``n`` samples taken round-robin over classes (deterministic), so a small budget still sees every class.
+
+    Example:
+        >>> limit_samples([('a.jpg', 0), ('b.jpg', 0), ('c.jpg', 1), ('d.jpg', 1)], 2)
+        [('a.jpg', 0), ('c.jpg', 1)]
+    """
     if n is None or n >= len(samples):
         return list(samples)
     by_class: dict[int, list[Sample]] = {}
@@ -141,16 +165,25 @@ def limit_samples(samples: Sequence[Sample], n: int | None) -> list[Sample]:
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """``(path, label)`` samples read with PIL and passed through a timm transform."""
+    """``(path, label)`` samples read with PIL and passed through a timm transform.
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None):
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     Image.new('RGB', (4, 3)).save(Path(d, 'a.png'))
+        ...     img, label = ImageListDataset([(str(Path(d, 'a.png')), 5)])[0]
+        >>> len(ImageListDataset([('a.png', 5)])), img.size, label
+        (1, (4, 3), 5)
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[Any, int]:
         path, label = self.samples[i]
         with Image.open(path) as im:
             img = im.convert('RGB')
@@ -159,7 +192,13 @@ class ImageListDataset(torch.utils.data.Dataset):
 
 @dataclass
 class SplitData:
-    """Readable samples of both splits, class names, and how many images were skipped as unreadable."""
+    """Readable samples of both splits, class names, and how many images were skipped as unreadable.
+
+    Example:
+        >>> d = SplitData(train=[('a.jpg', 0)], eval=[('b.jpg', 0)], classes=['cat'], n_skipped=1, skipped=['c.jpg'])
+        >>> len(d.train), d.classes, d.n_skipped
+        (1, ['cat'], 1)
+    """
 
     train: list[Sample]
     eval: list[Sample]

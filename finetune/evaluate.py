@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:  # accelerate is imported where it is used, keeping this module light for the metrics alone
+    from accelerate import Accelerator
+
 
 def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> float:
-    """ECE with ``n_bins`` equal-width confidence bins (Guo et al. 2017): sum_b |acc_b - conf_b| * n_b / n."""
+    """ECE with ``n_bins`` equal-width confidence bins (Guo et al. 2017): sum_b |acc_b - conf_b| * n_b / n.
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+        >>> round(expected_calibration_error(probs, torch.tensor([0, 0])), 4)
+        0.45
+    """
     conf, pred = probs.max(dim=1)
     correct = pred.eq(targets).float()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype)
@@ -33,7 +42,13 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bin
 
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``cm[true, pred]`` counts."""
+    """``cm[true, pred]`` counts.
+
+    Example:
+        >>> confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 2)
+        tensor([[1, 1],
+                [0, 1]])
+    """
     idx = targets.long() * num_classes + preds.long()
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
@@ -42,6 +57,11 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, num_clas
     """All reported metrics from float logits ``[N, C]`` and integer targets ``[N]``.
 
     ``mean_class_acc`` averages the recall of the classes that occur in ``targets`` (the usual Pets metric).
+
+    Example:
+        >>> m = classification_metrics(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
+        >>> m['top1'], m['top5'], m['mean_class_acc'], m['n']
+        (0.5, 1.0, 0.5, 2)
     """
     logits, targets = logits.float().cpu(), targets.long().cpu()
     num_classes = num_classes or logits.shape[1]
@@ -74,13 +94,19 @@ def format_metrics(m: dict) -> str:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, batches: Iterable, accelerator=None,
-            transform=None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: torch.nn.Module, batches: Iterable, accelerator: Accelerator | None = None,
+            transform: Callable[..., torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` in eval mode over ``(images, targets)`` batches; returns all logits and targets.
 
     With an ``accelerate.Accelerator`` the results of every process are gathered (padding removed), so each
     process returns the whole eval set. ``transform`` (e.g. fast-data's batched eval augmentation) runs on the
     batch on its device first; fast-data batches are ``(images, targets, sizes)`` and ``sizes`` goes to it.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> logits, targets = predict(model, [(torch.zeros(4, 3), torch.tensor([0, 1, 0, 1]))])
+        >>> logits.shape, targets.tolist(), model.training
+        (torch.Size([4, 2]), [0, 1, 0, 1], False)
     """
     model.eval()
     all_logits, all_targets = [], []
@@ -97,7 +123,12 @@ def predict(model: torch.nn.Module, batches: Iterable, accelerator=None,
 
 def plot_confusion_matrix(logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str], path: str | Path,
                           title: str = '') -> Path:
-    """Save a row-normalised confusion matrix as PNG (matplotlib Agg backend: no display needed)."""
+    """Save a row-normalised confusion matrix as PNG (matplotlib Agg backend: no display needed).
+
+    Example:
+        >>> plot_confusion_matrix(logits, targets, classes, 'runs/pets/confusion.png')   # doctest: +SKIP
+        PosixPath('runs/pets/confusion.png')
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt

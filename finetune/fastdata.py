@@ -100,6 +100,12 @@ class CacheInfo:
         built: True if this call decoded the images, False if an existing cache was reused.
         build_seconds: wall time of this call.
         n_bytes: size of the pixel file.
+
+    Example::
+
+        >>> info = build_cache([('cat.jpg', 0), ('dog.png', 1)], short_side=64, cache_dir='/tmp/cache')
+        >>> info.n_images, info.n_skipped, info.path.suffix
+        (2, 0, '.bin')
     """
     path: Path
     labels: list[int]
@@ -506,7 +512,15 @@ class DeviceCache:
 
     def batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``indices`` as a padded uint8 batch on the cache's device, channels_last in memory (as
-        :func:`collate_padded` lays it out), and their ``(h, w)``."""
+        :func:`collate_padded` lays it out), and their ``(h, w)``.
+
+        Example::
+
+            >>> ds = CachedDataset(info.path)
+            >>> images, sizes = DeviceCache(ds).batch([0, 1])   # on the CPU here; torch.device('cuda') on a GPU
+            >>> torch.equal(images, collate_padded([ds[0], ds[1]])[0]), images.dtype
+            (True, torch.uint8)
+        """
         idx = torch.as_tensor(indices, dtype=torch.int64).to(self.device)
         hw = self.shapes[idx]
         height, width = (int(v) for v in hw.max(dim=0).values.tolist())
@@ -521,7 +535,15 @@ class DeviceCache:
         return canvas.permute(0, 3, 1, 2), hw
 
     def feeding(self, augment: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``augment`` (a :class:`BatchAugment`) fed from this cache: ``indices -> model input``."""
+        """``augment`` (a :class:`BatchAugment`) fed from this cache: ``indices -> model input``.
+
+        Example::
+
+            >>> cache = DeviceCache(CachedDataset(info.path))   # a cache built with short_side=64
+            >>> to_input = cache.feeding(BatchAugment(56, (0.5,) * 3, (0.5,) * 3, train=False))
+            >>> to_input(torch.tensor([0, 1])).shape
+            torch.Size([2, 3, 56, 56])
+        """
         return lambda indices: augment(*self.batch(indices))
 
 
@@ -768,6 +790,13 @@ class BatchAugment(nn.Module):
 
         Keeps pixel values in 0..255; a uint8 batch on CPU stays uint8 (a quarter of the bytes to move between
         processes), on other devices train crops come out float32. ``normalize`` finishes the job.
+
+        Example::
+
+            >>> aug = BatchAugment(224, (0.5,) * 3, (0.5,) * 3, train=True)
+            >>> crops = aug.resample(torch.randint(0, 256, (2, 3, 256, 341), dtype=torch.uint8))
+            >>> crops.dtype, tuple(crops.shape)
+            (torch.uint8, (2, 3, 224, 224))
         """
         if isinstance(x, (list, tuple)):
             return self._resample_list(list(x), sizes, generator)
@@ -861,6 +890,12 @@ class BatchAugment(nn.Module):
         """0..255 values -> float32 ``(x / 255 - mean) / std``, in the requested memory format.
 
         A float32 input is modified in place only with ``inplace=True``.
+
+        Example::
+
+            >>> aug = BatchAugment(8, mean=(0.5,) * 3, std=(0.5,) * 3, train=False)
+            >>> aug.normalize(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).unique()
+            tensor([-1.])
         """
         if x.dtype != torch.float32:
             out = x.float()

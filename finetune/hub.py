@@ -41,6 +41,15 @@ def stage(folder: str | Path, dest: str | Path, repo_id: str | None = None,
     """Copy the uploadable files of ``folder`` into ``dest`` (emptied first) and re-render the card there.
 
     Hidden files and leftovers of interrupted writes (``.*``, ``*.tmp``) are not uploaded. Returns the file names.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     model = Path(d, 'model'); model.mkdir()
+        ...     for name in ('config.json', 'model.safetensors', '.config.json.tmp'):
+        ...         _ = (model / name).write_text('{}')
+        ...     stage(model, Path(d, 'upload'))
+        ['config.json', 'model.safetensors']
     """
     folder, dest = Path(folder).resolve(), Path(dest).resolve()
     if dest == folder or folder in dest.parents:
@@ -94,6 +103,15 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
 
     ``api_factory`` returns the ``HfApi``-like client (tests pass a stand-in); default ``huggingface_hub.HfApi``.
     Returns the uploaded (or staged) file names.
+
+    Example:
+        >>> push('runs/pets/model', 'me/resnet50-pets', private=True)     # doctest: +SKIP
+        uploaded 5 files to me/resnet50-pets in one commit: https://huggingface.co/me/resnet50-pets/commit/...
+        ['README.md', 'config.json', 'eval_metrics.json', 'model.safetensors', 'training_config.json']
+        >>> push('no/such/folder', 'me/resnet50-pets')    # checked before anything is staged or sent
+        Traceback (most recent call last):
+        ...
+        finetune.errors.FinetuneError: no/such/folder is not a folder; pass the model/ folder ...
     """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     folder = check_model_folder(folder)

@@ -40,7 +40,13 @@ _PREPROC_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean',
 
 @dataclass
 class BuiltModel:
-    """The model plus what is needed to export it faithfully."""
+    """The model plus what is needed to export it faithfully.
+
+    Example:
+        >>> built = build_model(TrainConfig(model='resnet18', rewrite=True), num_classes=3)
+        >>> built.export_arch, built.export_args['branch_position']
+        ('resnet18_dropfix', 'recommended')
+    """
 
     model: nn.Module
     export_arch: str                      # architecture name written to config.json
@@ -116,6 +122,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> BuiltModel:
     """Create the model with a ``num_classes`` head, load weights, apply v1 strides and the dropfix rewrite.
 
     Raises FinetuneError for an unknown model, unreadable or ill-fitting weights and unsupported rewrites.
+
+    Example:
+        >>> built = build_model(TrainConfig(model='resnet18', pretrained=False), num_classes=3)
+        >>> built.model.get_classifier().out_features, built.export_arch, built.dropfix
+        (3, 'resnet18', None)
     """
     arch = _check_name(cfg.model)
     kwargs: dict[str, Any] = dict(num_classes=num_classes)
@@ -208,6 +219,15 @@ def export_model(built: BuiltModel, model: nn.Module, out_dir: str | Path, class
     written into the folder before it is renamed into place.
     ``data_config`` is the eval preprocessing actually used, recorded in the pretrained_cfg so timm's own
     transforms reproduce the reported accuracy. The folder appears under its final name only when complete.
+
+    Example:
+        >>> import tempfile
+        >>> built = build_model(TrainConfig(model='test_resnet'), num_classes=2)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     out = export_model(built, built.model, Path(d, 'model'), ['cat', 'dog'], {'input_size': (3, 64, 64)},
+        ...                        extra_files={'README.md': lambda hf_config: hf_config['architecture']})
+        ...     sorted(f.name for f in out.iterdir()), (out / 'README.md').read_text()
+        (['README.md', 'config.json', 'model.safetensors'], 'test_resnet')
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f'.{out_dir.name}.tmp')

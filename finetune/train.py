@@ -26,7 +26,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ class _StopForTest(Exception):
     """Raised by the test hook ``stop_after_epoch`` to simulate a crash right after a checkpoint."""
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
     """LR multiplier: linear warmup from ~0 to 1, then cosine down to ``min_ratio`` at ``total_steps``.
 
     Example:
@@ -71,7 +71,18 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
-    """Fail early (before any training) if ``out`` cannot be written or already holds another run."""
+    """Fail early (before any training) if ``out`` cannot be written or already holds another run.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     check_output_dir(Path(d, 'run'), resume=False)   # not there yet: fine
+        ...     Path(d, 'run').mkdir(); _ = Path(d, 'run', 'config.json').write_text('{}')
+        ...     check_output_dir(Path(d, 'run'), resume=False)
+        Traceback (most recent call last):
+        ...
+        finetune.errors.FinetuneError: --output-dir ... already holds files (an earlier run?). Use --resume ...
+    """
     probe = out
     while not probe.exists():
         probe = probe.parent
@@ -86,13 +97,21 @@ def check_output_dir(out: Path, resume: bool) -> None:
 
 
 def make_loaders(cfg: TrainConfig, split: data_lib.SplitData, data_config: dict, out: Path,
-                 channels_last: bool = False, device: torch.device | None = None):
+                 channels_last: bool = False, device: torch.device | None = None,
+                 ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader,
+                            Callable[..., torch.Tensor] | None, Callable[..., torch.Tensor] | None, list[str]]:
     """Train/eval DataLoaders plus the batch transforms to run on the device (None on the PIL path).
 
     The one switch point between the fast path (decode-once uint8 cache + batched augmentation) and the
     per-image PIL/timm transforms. Returns (train_loader, eval_loader, train_aug, eval_aug, skipped paths);
     ``train_aug(images, *sizes)`` turns a loader batch into model input on ``device`` (with ``cache_on_device``
     the batch holds image indices and no sizes).
+
+    Example:
+        >>> loaders = make_loaders(cfg, split, data_config, Path('runs/quick'))    # doctest: +SKIP
+        >>> train_loader, eval_loader, train_aug, eval_aug, skipped = loaders      # doctest: +SKIP
+        >>> images, targets, *sizes = next(iter(train_loader))                     # doctest: +SKIP
+        >>> x = train_aug(images, *sizes) if train_aug is not None else images     # doctest: +SKIP
     """
     device = torch.device('cpu') if device is None else device
     img_size = data_config['input_size'][-1]
@@ -459,7 +478,15 @@ def freeze_bn_stats(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def write_history(out: Path, history: list[dict]) -> None:
-    """Per-epoch metrics as CSV and JSON (rewritten each epoch, atomically)."""
+    """Per-epoch metrics as CSV and JSON (rewritten each epoch, atomically).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     write_history(Path(d), [dict(epoch=1, top1=0.5), dict(epoch=2, top1=0.75)])
+        ...     Path(d, 'history.csv').read_text().splitlines()
+        ['epoch,top1', '1,0.5', '2,0.75']
+    """
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
     writer.writeheader()
