@@ -514,6 +514,11 @@ def _proc_status_bytes(field: str) -> int:
     raise RuntimeError(f'{field} not in /proc/self/status')
 
 
+def _keep_freed_memory() -> bool:
+    from finetune.cpumem import keep_freed_memory
+    return keep_freed_memory()
+
+
 def child_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     """Runs in a fresh process: set up one config, reset the peak-RSS mark, run one step, read the peak.
 
@@ -523,9 +528,10 @@ def child_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     import psutil
     device = torch.device('cpu')
+    kept = _keep_freed_memory() if cfg.get('keep') else False
     rss_libs = _proc_status_bytes('VmRSS')
     torch.manual_seed(0)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {'keep_freed_memory': kept}
     loader = it = None
     if cfg['kind'] == 'dropfix':
         model = make_model(cfg.get('model', 'resnet50'), device, toolkit=True, dropout=cfg['dropout'])
@@ -624,17 +630,21 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, iters
 
 # ----------------------------------------------------------------------------------------------- main
 def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
-        dropfix_compile: Optional[str] = None, dropfix_model: str = 'resnet50') -> dict[str, Any]:
+        dropfix_compile: Optional[str] = None, dropfix_model: str = 'resnet50',
+        keep_freed: bool = False) -> dict[str, Any]:
     prof = dict(PROFILES[profile])
     if workers is not None:
         prof['workers'] = workers
     device = torch.device('cuda' if profile == 'gpu' else 'cpu')
+    # process-wide, so it applies to both arms alike; the memory probes apply it in their own processes
+    kept = _keep_freed_memory() if keep_freed and device.type == 'cpu' else False
     root = shared_dir() / 'data' / 'pets370'
     samples = pets_samples(root)
     result: dict[str, Any] = {'profile': profile, 'settings': prof, 'device': str(device),
                               'cpu_model': cpu_model(), 'cpu_cores': os.cpu_count(),
                               'torch_threads': torch.get_num_threads(), 'load_average_start': load_average(),
-                              'n_source_images': len(samples), 'bf16_autocast_toolkit': fast_bf16(device)}
+                              'n_source_images': len(samples), 'bf16_autocast_toolkit': fast_bf16(device),
+                              'keep_freed_memory': kept}
     if device.type == 'cuda':
         result['gpu'] = torch.cuda.get_device_name(0)
         torch.backends.cudnn.benchmark = True
@@ -730,7 +740,7 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
                 for p in ('baseline', 'toolkit'):  # measured at the end, in fresh processes
                     probes.append((entry['steps']['resnet50'][p], 'memory', {
                         'kind': 'path', 'path': p, 'size': size, 'batch': batch, 'workers': prof['workers'],
-                        'epoch_images': ep, 'cache': str(info.path), 'root': str(root)}))
+                        'epoch_images': ep, 'cache': str(info.path), 'root': str(root), 'keep': kept}))
             per_size.append(entry)
         result['sizes'] = per_size
 
@@ -753,7 +763,8 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
             for k, flag, fast in (('no_dropout', False, None), ('dropfix', True, None),
                                   ('dropfix_torch_kernel', True, False)):
                 probes.append((dro['memory'], k, {'kind': 'dropfix', 'dropout': flag, 'fast_dropout': fast,
-                                                  'size': dsize, 'batch': dbatch, 'model': dropfix_model}))
+                                                  'size': dsize, 'batch': dbatch, 'model': dropfix_model,
+                                                  'keep': kept}))
             mem_key = 'peak_mem'
         if probes:
             # the dropout's probes in memory_repeats rounds (their ratio is a target), the paths' once
@@ -837,6 +848,8 @@ def to_markdown(res: dict[str, Any]) -> str:
              f"device {res['device']}" + (f" ({res['gpu']})" if res.get('gpu') else ''),
              f"- load average at start / end: {res['load_average_start']} / {res['load_average_end']}",
              f"- toolkit bf16 autocast: {res['bf16_autocast_toolkit']} (used only where it is faster than fp32)",
+             f"- freed memory kept in the process (finetune/cpumem.py, both arms and every memory probe): "
+             f"{res.get('keep_freed_memory', False)}",
              "- values: mean ± sample std over repeats (n given); 'spread' in the JSON has every value", '']
     if res.get('note'):
         lines += [f"**Note:** {res['note']}", '']
@@ -957,6 +970,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--dropfix-model', default='resnet50', metavar='NAME',
                         help='timm model for the dropout cost (e.g. resnetv2_50, pre-activation); results then go to '
                              'throughput_<profile>-<NAME>.*')
+    parser.add_argument('--keep-freed-memory', action='store_true',
+                        help="CPU: keep freed memory in the process, as `finetune train` does by default "
+                             "(finetune/cpumem.py), for both arms; without it, glibc's defaults as in cv_example")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out-dir', default=str(RESULTS_DIR))
     parser.add_argument('--note', default=None, help='free text stored with the results (e.g. machine load)')
@@ -970,7 +986,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit('--gpu needs a CUDA device; run --quick or the default profile on CPU')
     profile = 'quick' if args.quick else 'gpu' if args.gpu else 'smoke' if args.smoke else 'default'
     started, t0 = utc_now(), time.perf_counter()
-    result = run(profile, Path(args.out_dir), args.seed, args.workers, args.dropfix_compile, args.dropfix_model)
+    result = run(profile, Path(args.out_dir), args.seed, args.workers, args.dropfix_compile, args.dropfix_model,
+                 keep_freed=args.keep_freed_memory)
     result['targets'] = targets(result)
     if args.note:
         result['note'] = args.note

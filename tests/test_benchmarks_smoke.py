@@ -359,6 +359,16 @@ def test_throughput_smoke_measures_both_paths_and_the_dropout(tmp_path, shared_p
     assert all(a['overhead_per_pair']['n'] == 1 for a in d['arms'].values())
     md = (tmp_path / 'throughput_smoke.md').read_text()
     assert "torch.compile(backend='eager')" in md and '| dropfix |' in md and '| mask_only |' in md
+    assert r['keep_freed_memory'] is False and d['memory']['dropfix']['keep_freed_memory'] is False
+    assert 'freed memory kept in the process (finetune/cpumem.py, both arms and every memory probe): False' in md
+
+
+def test_throughput_memory_probe_keeps_freed_memory_when_asked():
+    """--keep-freed-memory reaches the fresh processes that measure peak memory, as `finetune train` would set it."""
+    cfg = {'kind': 'dropfix', 'dropout': True, 'fast_dropout': None, 'size': 32, 'batch': 2, 'model': 'resnet18'}
+    kept, default = throughput.run_children([dict(cfg, keep=True), cfg])
+    assert kept['keep_freed_memory'] is (sys.platform == 'linux') and default['keep_freed_memory'] is False
+    assert kept['peak_mem'] > 0 and default['peak_mem'] > 0
 
 
 # ---------------------------------------------------------------- compare_grids.py
