@@ -50,6 +50,29 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 DEFAULT_VARIANTS = ('timm_default', 'none', 'recommended', 'head_only', 'branch_only', 'branch_before_last_conv',
                     'branch_after_add')
 METRICS = ('top1', 'mean_class_acc', 'top5', 'nll', 'ece')
+# options that decide where files go or how fast a run goes, not what it computes: a run made with other values
+# still belongs to the bench
+_RESULT_NEUTRAL = frozenset({'data_dir', 'download', 'cache_dir', 'workers', 'output_dir', 'resume', 'log_with',
+                             'keep_checkpoints', 'checkpoint_every', 'base_model', 'license', 'keep_freed_memory'})
+# None leaves these to accelerate, and config.json records what was resolved: compared only when given
+_RESOLVED_BY_ACCELERATE = frozenset({'mixed_precision', 'dynamo_backend'})
+
+
+def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The options of ``cfg`` that differ from a saved run's ``config.json`` and change what a run computes, as
+    ``{name: (saved, now)}``. Options the saved file lacks (an older version) are not compared.
+
+    Example:
+        >>> changed_settings({'epochs': 1, 'workers': 4, 'lr': 1e-3}, TrainConfig(epochs=2, workers=0))
+        {'epochs': (1, 2)}
+    """
+    diff = {}
+    for name, now in cfg.to_dict().items():
+        if name in _RESULT_NEUTRAL or name not in saved or (name in _RESOLVED_BY_ACCELERATE and now is None):
+            continue
+        if saved[name] != now:
+            diff[name] = (saved[name], now)
+    return diff
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     """Per-seed ``a - b`` on the seeds both have, its mean, and a 95% t-interval.
@@ -161,6 +184,24 @@ def plot_results(results: dict[str, Any], path: str | Path, unit: str = 'seed') 
     return path
 
 
+def _check_earlier_runs(out: Path, run_config: dict[tuple[str, int], TrainConfig]) -> None:
+    # a finished run is reused and a dead one resumed: both only if it was made with the options given now, or
+    # the table would label its numbers with settings it never ran
+    clashes = []
+    for (name, seed), cfg in run_config.items():
+        saved = Path(cfg.output_dir) / 'config.json'
+        if saved.is_file():
+            diff = changed_settings(json.loads(saved.read_text()), cfg)
+            if diff:
+                clashes.append(f'{name} seed {seed}: ' + ', '.join(f'{k} {a!r} (now {b!r})'
+                                                                   for k, (a, b) in sorted(diff.items())))
+    if clashes:
+        shown = '\n  '.join(clashes[:5]) + (f'\n  ... and {len(clashes) - 5} more' if len(clashes) > 5 else '')
+        raise FinetuneError(f'{out} holds bench runs made with other options:\n  {shown}\nA bench compares runs made '
+                            f'with one set of options: rerun with the options above to complete it, or pass a new '
+                            f'--output-dir. Nothing was changed.')
+
+
 def run_bench(base: TrainConfig, variants: Sequence[str], seeds: Sequence[int], baseline: str = 'timm_default',
               ) -> dict[str, Any]:
     """Run (or resume) the grid and write results.json, results.md and results.png into ``base.output_dir``.
@@ -171,13 +212,14 @@ def run_bench(base: TrainConfig, variants: Sequence[str], seeds: Sequence[int], 
         >>> run_bench(TrainConfig(), ['timm_default'], seeds=[0], baseline='none')
         Traceback (most recent call last):
         ...
-        finetune.errors.FinetuneError: --baseline 'none' is not among --variants ['timm_default']
+        finetune.errors.FinetuneError: --baseline 'none' is not among --variants ['timm_default']: add it to ...
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise FinetuneError(f'unknown bench variant(s) {unknown}; choose from {", ".join(VARIANTS)}')
     if baseline not in variants:
-        raise FinetuneError(f'--baseline {baseline!r} is not among --variants {list(variants)}')
+        raise FinetuneError(f'--baseline {baseline!r} is not among --variants {list(variants)}: add it to '
+                            f'--variants, or pass --baseline with one of them')
     if not seeds:
         raise FinetuneError('--seeds needs at least one seed')
     from accelerate import PartialState
@@ -190,6 +232,11 @@ def run_bench(base: TrainConfig, variants: Sequence[str], seeds: Sequence[int], 
         if overrides['rewrite']:  # architecture only: no weights are read
             build_model(base.replace(**overrides, pretrained=False, pretrained_file=None), num_classes=2)
     out = Path(base.output_dir)
+    run_config = {(name, seed): base.replace(**VARIANTS[name][0], seed=seed,
+                                             output_dir=str(out / 'runs' / name / f'seed_{seed}'),
+                                             cache_dir=base.cache_dir or str(out / 'cache'))
+                  for name in variants for seed in seeds}
+    _check_earlier_runs(out, run_config)
     state = PartialState()
     runs: dict[str, dict[int, dict]] = {}
     for name in variants:
@@ -202,9 +249,7 @@ def run_bench(base: TrainConfig, variants: Sequence[str], seeds: Sequence[int], 
                 resume = resume_or_restart(run_dir, remove=state.is_main_process)
                 state.wait_for_everyone()  # a dead run's folder is gone for every process
                 state.print(f"bench: {name} seed {seed}{' (resuming)' if resume else ''}")
-                cfg = base.replace(**VARIANTS[name][0], seed=seed, output_dir=str(run_dir), resume=resume,
-                                   cache_dir=base.cache_dir or str(out / 'cache'))
-                train(cfg)
+                train(run_config[name, seed].replace(resume=resume))
             runs.setdefault(name, {})[seed] = json.loads(done.read_text())
     setup = dict(model=base.model, dataset=base.dataset, data_dir=base.data_dir, epochs=base.epochs,
                  img_size=base.img_size, seeds=list(seeds), config=base.to_dict())

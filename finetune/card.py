@@ -115,6 +115,9 @@ def render_card(hf_config: dict, train_config: dict, metrics: dict, info: dict,
     pcfg = hf_config.get('pretrained_cfg', {})
     rows = [(k, _fmt(metrics[k])) for k in ('top1', 'top5', 'mean_class_acc', 'nll', 'ece') if k in metrics]
     recipe = [(k, _fmt(train_config[k])) for k in _RECIPE_KEYS if k in train_config]
+    # a local weights path means nothing on the Hub and can reveal a user's folders: its file name only
+    recipe = [(k, f'{Path(v).name} (a local file)' if k == 'pretrained_file' and v != 'None' else v)
+              for k, v in recipe]
     if train_config.get('rewrite'):
         recipe += [(k, _fmt(train_config[k])) for k in ('branch_drop_rate', 'head_drop_rate',
                                                           'branch_position', 'head_position')]

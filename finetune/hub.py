@@ -22,6 +22,7 @@ from .card import EVAL_METRICS, TRAINING_CONFIG, render_card_from_folder
 from .errors import FinetuneError
 
 REQUIRED = ('config.json', 'model.safetensors')
+STAGING_MARK = '.finetune-dry-run'  # hidden, so a model folder's own copy would never be staged
 
 
 def _known_token() -> str | None:
@@ -37,10 +38,12 @@ def _scrub(text: str, token: str | None) -> str:
 
 
 def stage(folder: str | Path, dest: str | Path, repo_id: str | None = None,
-          bench_results: str | Path | None = None) -> list[str]:
-    """Copy the uploadable files of ``folder`` into ``dest`` (emptied first) and re-render the card there.
+          bench_results: str | Path | None = None, mark: bool = False) -> list[str]:
+    """Copy the uploadable files of ``folder`` into ``dest`` and re-render the card there.
 
-    Hidden files and leftovers of interrupted writes (``.*``, ``*.tmp``) are not uploaded. Returns the file names.
+    Hidden files and leftovers of interrupted writes (``.*``, ``*.tmp``) are not uploaded. ``dest`` must be new or
+    empty, or an earlier staging folder (one staged with ``mark=True``, as ``push --dry-run`` does), which is
+    replaced; any other folder is refused untouched, as is one that holds ``folder``. Returns the file names.
 
     Example:
         >>> import tempfile
@@ -52,11 +55,18 @@ def stage(folder: str | Path, dest: str | Path, repo_id: str | None = None,
         ['config.json', 'model.safetensors']
     """
     folder, dest = Path(folder).resolve(), Path(dest).resolve()
-    if dest == folder or folder in dest.parents:
-        raise FinetuneError(f'the staging folder {dest} must not be the model folder or inside it')
-    if dest.exists():
+    if dest == folder or folder in dest.parents or dest in folder.parents:
+        raise FinetuneError(f'the staging folder {dest} must not be the model folder {folder}, inside it or '
+                            f'above it; choose a new folder (--dry-run-dir)')
+    if dest.exists() and not dest.is_dir():
+        raise FinetuneError(f'the staging folder {dest} is a file; choose a new folder (--dry-run-dir)')
+    if dest.is_dir() and any(dest.iterdir()):
+        if not (dest / STAGING_MARK).is_file():
+            # only a folder that staging wrote is emptied: anything else may be the user's
+            raise FinetuneError(f'the staging folder {dest} is not empty and was not written by `finetune push '
+                                f'--dry-run`; nothing was changed. Choose a new or empty folder (--dry-run-dir)')
         shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
     for f in sorted(folder.iterdir()):
         if f.is_file() and not f.name.startswith('.') and not f.name.endswith('.tmp'):
             shutil.copy2(f, dest / f.name)
@@ -72,7 +82,11 @@ def stage(folder: str | Path, dest: str | Path, repo_id: str | None = None,
             if f.suffix in ('.json', '.md', '.txt', '.yaml', '.yml') and token in f.read_text(errors='ignore'):
                 shutil.rmtree(dest)
                 raise FinetuneError(f'{folder}/{f.name} contains your Hub token; remove it before pushing')
-    return sorted(p.name for p in dest.iterdir())
+    files = sorted(p.name for p in dest.iterdir())
+    if mark:
+        (dest / STAGING_MARK).write_text('written by `finetune push --dry-run`; the next dry run replaces this '
+                                         'folder\n')
+    return files
 
 
 def check_model_folder(folder: str | Path) -> Path:
@@ -124,7 +138,7 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
 
     if dry_run:
         dest = Path(dry_run_dir) if dry_run_dir else folder.with_name(folder.name + '.dry-run')
-        files = stage(folder, dest, repo_id, bench_results)
+        files = stage(folder, dest, repo_id, bench_results, mark=True)
         print(f'dry run: would upload {len(files)} files to {repo_id} ({"private" if private else "public"}) '
               f'in one commit; exact copies are in {dest}:')
         for name in files:

@@ -66,6 +66,12 @@ def test_bench_grid_and_resume(tiny_pets, tmp_path):
     assert res2['variants']['recommended']['n'] == 3 and res2['comparisons'] == {}
     assert '(baseline)' in results_markdown(res2)
 
+    # other options than the saved runs': refused before anything runs, naming the runs and the options
+    results = (out / 'results.json').read_bytes()
+    with pytest.raises(FinetuneError, match=r"(?s)other options.*recommended seed 0: epochs 1 \(now 2\)"):
+        run_bench(base.replace(epochs=2), variants, seeds=[0, 1])
+    assert done.stat().st_mtime_ns == mtime and (out / 'results.json').read_bytes() == results
+
 
 def test_bench_rejects_unknown_variant(tmp_path):
     with pytest.raises(FinetuneError, match='unknown bench variant'):

@@ -14,7 +14,7 @@ import timm_dropfix  # noqa: F401  (registers the *_dropfix architectures for th
 from finetune.__main__ import main
 from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
-from finetune.hub import push
+from finetune.hub import STAGING_MARK, push
 from finetune.train import train
 
 TOKEN = 'hf_FAKEtoken0123456789abcdefghijklmnop'
@@ -42,8 +42,9 @@ def test_dry_run_round_trip(model_dir, tmp_path, capsys):
     assert main(['push', str(model_dir), '--repo-id', 'someone/resnet18-pets', '--dry-run',
                  '--dry-run-dir', str(dest)]) == 0
     printed = capsys.readouterr().out
-    files = sorted(p.name for p in dest.iterdir())
+    files = sorted(p.name for p in dest.iterdir() if p.name != STAGING_MARK)
     assert files == ['README.md', 'config.json', 'eval_metrics.json', 'model.safetensors', 'training_config.json']
+    assert (dest / STAGING_MARK).is_file() and STAGING_MARK not in printed  # what lets the next dry run replace it
     assert all(name in printed for name in files)
     assert digest(model_dir) == before  # the model folder is untouched
     staged = digest(dest)
@@ -115,6 +116,29 @@ def test_failed_upload_keeps_everything_local(model_dir, monkeypatch):
     assert digest(model_dir) == before
 
 
+def test_dry_run_never_empties_a_folder_it_did_not_write(model_dir, tmp_path):
+    """--dry-run-dir replaces only an earlier dry run's folder: a folder with the user's files, a run folder holding
+    the model, or the model folder itself are refused with nothing deleted."""
+    before = digest(model_dir)
+    mine = tmp_path / 'mine'
+    (mine / 'sub').mkdir(parents=True)
+    (mine / 'notes.txt').write_text('keep me')
+    (mine / 'sub' / 'data.csv').write_text('1,2')
+    for dest, match in ((mine, 'not empty and was not written'), (model_dir.parent, 'above it'),
+                        (model_dir, 'must not be the model folder'), (model_dir / 'x', 'inside it')):
+        with pytest.raises(FinetuneError, match=match):
+            push(model_dir, 'someone/x', dry_run=True, dry_run_dir=dest)
+    assert (mine / 'notes.txt').read_text() == 'keep me' and (mine / 'sub' / 'data.csv').read_text() == '1,2'
+    assert digest(model_dir) == before and (model_dir.parent / 'metrics.json').is_file()
+    # an empty folder is used; a second dry run into it replaces the first one's files
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    first = push(model_dir, 'someone/x', dry_run=True, dry_run_dir=empty)
+    (empty / 'stale.bin').write_bytes(b'from an older dry run')
+    assert push(model_dir, 'someone/x', dry_run=True, dry_run_dir=empty) == first
+    assert not (empty / 'stale.bin').exists()
+
+
 def test_push_bad_input(model_dir, tmp_path):
     with pytest.raises(FinetuneError, match='not a save_for_hf'):
         push(tmp_path, 'someone/x', dry_run=True)
@@ -140,3 +164,11 @@ def test_card_includes_bench_comparison(model_dir, tmp_path):
     card = (tmp_path / 'staged' / 'README.md').read_text()
     assert 'README.md' in files and 'Dropout placement comparison' in card
     assert '| recommended |' in card and '+0.0150' in card  # mean paired diff (0.01 + 0.02) / 2
+
+
+def test_card_names_local_weights_without_their_path():
+    from finetune.card import render_card
+    card = render_card({'architecture': 'resnet50', 'num_classes': 37},
+                       {'dataset': 'pets', 'model': 'resnet50', 'pretrained_file': '/home/alice/weights/in1k'},
+                       dict(top1=0.7, top5=0.9, mean_class_acc=0.7, n=185), {})
+    assert 'in1k (a local file)' in card and '/home/alice' not in card
