@@ -45,6 +45,13 @@ def test_bad_arguments_change_nothing(kwargs, match):
     assert type(model).__name__ == 'ResNet' and type(model.layer1[0]).__name__ == 'BasicBlock'
 
 
+def test_a_model_name_instead_of_a_model_is_a_type_error_with_the_call_to_make():
+    with pytest.raises(TypeError, match=r"got an object of type str\. .*timm.create_model\('resnet50_dropfix'\)"):
+        timm_dropfix.rewrite('resnet50')
+    with pytest.raises(TypeError, match=r'summarize needs a torch.nn.Module, got an object of type dict\.$'):
+        timm_dropfix.summarize({})
+
+
 def test_unknown_blocks_of_a_known_family_are_named():
     with pytest.raises(timm_dropfix.UnsupportedModelError, match=r'ResNet \(its blocks: SelectiveKernelBasic\)'):
         timm_dropfix.rewrite(timm.create_model('skresnet18'))
@@ -140,6 +147,19 @@ def test_summary_and_config_are_readable_and_json_ready(caplog):
     s = timm_dropfix.summarize(model)
     assert (s.branch_drop_rate, s.head_drop_rate, s.head_position) == (0.0, 0.0, 'none')
     assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnetv2_50'])
+def test_a_head_dropout_the_model_was_built_with_is_replaced_with_a_warning(name, caplog):
+    """timm's own drop_rate (after the pool) gives way to head_drop_rate; the log says so once, and how to keep it."""
+    with caplog.at_level('WARNING', logger='timm_dropfix'):
+        model = timm_dropfix.rewrite(timm.create_model(name, layers=ONE, drop_rate=0.5))
+        timm_dropfix.rewrite(timm.create_model(name, layers=ONE, drop_rate=0.5), head_drop_rate=0.5)
+        timm_dropfix.rewrite(timm.create_model(name, layers=ONE, drop_rate=0.5), head_position='none')
+        timm_dropfix.rewrite(model, head_drop_rate=0.3)  # already rewritten: the caller chose both rates
+    assert caplog.text.count('is replaced by') == 1
+    assert 'head dropout p=0.5 (after the pool) is replaced by head_drop_rate=0.2 at before_pool' in caplog.text
+    assert 'pass head_drop_rate=0.5 to keep its rate' in caplog.text
 
 
 def test_list_positions_documents_every_name():

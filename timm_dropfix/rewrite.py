@@ -94,7 +94,16 @@ class DropfixSummary:
                 f'at {places}; head {self.head}: dropout p={self.head_drop_rate:g} {self.head_position}')
 
 
+def _check_module(model: Any, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        hint = (f" To build one by name: timm.create_model({model!r}), or its twin "
+                f"timm.create_model('{dropfix_twin(model)}') with the placement built in."
+                if isinstance(model, str) and dropfix_twin(model) else '')
+        raise TypeError(f'{caller} needs a torch.nn.Module, got an object of type {type(model).__name__}.{hint}')
+
+
 def _refuse_wrappers(model: nn.Module) -> None:
+    _check_module(model, 'rewrite')
     name = type(model).__name__
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise UnsupportedModelError(
@@ -158,6 +167,14 @@ def _unknown_blocks(model: nn.Module) -> str:
             if type(block).__name__ not in kinds:
                 kinds.append(type(block).__name__)
     return f' (its blocks: {", ".join(kinds)})' if kinds else ''
+
+
+def _built_head_rate(net: nn.Module, kind: Optional[str]) -> float:
+    if kind == 'classifier_head':
+        return _rate_of(net.head.drop)
+    if kind == 'timm_resnet':
+        return float(getattr(net, 'drop_rate', 0.0))
+    return _rate_of(getattr(net, 'head_drop', None))  # a torchvision ResNet has no head dropout of its own
 
 
 def _rewrite_head(model: nn.Module, kind: Optional[str], rate: float, position: str) -> None:
@@ -245,7 +262,14 @@ def rewrite(
         _logger.warning('%s: no classifier head that timm_dropfix knows; only the residual branches were changed.',
                         type(model).__name__)
     for name, net in nets:
-        _rewrite_head(net, _head_kind(net), head_drop_rate, head_position)
+        kind = _head_kind(net)
+        old_rate = _built_head_rate(net, kind)
+        if dropfix_config(model) is None and head_position != 'none' and 0 < old_rate != head_drop_rate:
+            # the model was built with a head dropout of its own (timm's drop_rate): say that its rate changes
+            _logger.warning('%s: its head dropout p=%g (after the pool) is replaced by head_drop_rate=%g at %s; pass '
+                            'head_drop_rate=%g to keep its rate', type(net).__name__, old_rate, head_drop_rate,
+                            head_position, old_rate)
+        _rewrite_head(net, kind, head_drop_rate, head_position)
         if name:
             _logger.warning("%s: rewrote the head of its '%s' (%s); the head dropout runs only where %s's forward "
                             'calls that forward or forward_head', type(model).__name__, name, type(net).__name__,
@@ -254,7 +278,7 @@ def rewrite(
     model._dropfix_cfg = dict(
         branch_drop_rate=branch_drop_rate, head_drop_rate=head_drop_rate,
         branch_position=branch_position, head_position=head_position)
-    _logger.info('timm_dropfix.rewrite: %s', summarize(model))
+    _logger.info('%s', summarize(model))
     return model
 
 
@@ -272,6 +296,7 @@ def summarize(model: nn.Module) -> DropfixSummary:
         >>> print(timm_dropfix.summarize(timm.create_model('preresnet18_dropfix')))  # doctest: +ELLIPSIS
         DropfixResNetV2: 8 residual blocks (DropfixPreActBasic x8); branch dropout p=0.1 at ...
     """
+    _check_module(model, 'summarize')
     summary = DropfixSummary(model=type(model).__name__)
     for m in model.modules():
         if dropfix_block_class(m) is None:
