@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import add_train_args, config_from_args
@@ -19,7 +20,8 @@ from .errors import FinetuneError
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI parser (subcommands train, bench, eval, push)."""
-    parser = argparse.ArgumentParser(prog='python -m finetune', description=__doc__.split('\n')[0],
+    # the docstring's first line is reStructuredText; --help shows it as plain text
+    parser = argparse.ArgumentParser(prog='python -m finetune', description=__doc__.split('\n')[0].replace('``', ''),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
 
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             train(config_from_args(args))
         elif args.command == 'bench':
             from .bench import run_bench
+            bad = [s for s in args.seeds if not 0 <= s < 2 ** 32]  # before any run: numpy's seed range
+            if bad:
+                raise FinetuneError(f'--seeds {bad}: every seed must be in [0, {2 ** 32 - 1}]')
             run_bench(config_from_args(args), args.variants, args.seeds, baseline=args.baseline)
         elif args.command == 'eval':
             from .evaluate import evaluate_folder
@@ -78,7 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as e:
         print(f'error: {e}', file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        if args.command not in ('train', 'bench'):
+            raise
+        if os.environ.get('RANK', '0') == '0':  # under accelerate launch every process gets the Ctrl-C
+            print(_interrupted(args), file=sys.stderr)
+        return 130  # the shell's code for a SIGINT
     return 0
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C left behind, and the command that continues."""
+    from .train import interrupted_message
+    cfg = config_from_args(args)
+    if args.command == 'train':
+        return interrupted_message(cfg)
+    return (f'interrupted: rerun the same command to continue the bench in {cfg.output_dir} (finished runs are '
+            f'kept; the interrupted one resumes from its last checkpoint, or starts again if it had none)')
 
 
 if __name__ == '__main__':

@@ -211,8 +211,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="CPU training: keep freed memory in the process for the next step (glibc's malloc "
                         "thresholds raised: about 1 %% more peak memory, 1.1x faster steps); "
                         "--no-keep-freed-memory: glibc's defaults. No effect on GPUs or without glibc")
-    g.add_argument('--branch-drop-rate', type=float, default=d.branch_drop_rate)
-    g.add_argument('--head-drop-rate', type=float, default=d.head_drop_rate)
+    g.add_argument('--branch-drop-rate', type=float, default=d.branch_drop_rate,
+                   help='with --rewrite: dropout rate in every residual branch, in [0, 1) (default: %(default)s)')
+    g.add_argument('--head-drop-rate', type=float, default=d.head_drop_rate,
+                   help="with --rewrite: the head's dropout rate, replacing --drop-rate, in [0, 1) "
+                        '(default: %(default)s)')
     g.add_argument('--branch-position', choices=BRANCH_POSITIONS, default=d.branch_position)
     g.add_argument('--head-position', choices=HEAD_POSITIONS, default=d.head_position)
     g = p.add_argument_group('optimisation')

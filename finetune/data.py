@@ -26,10 +26,12 @@ _logger = logging.getLogger(__name__)
 Sample = tuple[str, int]
 
 
-def pets_samples(data_dir: str | Path, split: str, download: bool = False) -> tuple[list[Sample], list[str]]:
+def pets_samples(data_dir: str | Path, split: str, download: bool = False,
+                 can_download: bool = True) -> tuple[list[Sample], list[str]]:
     """Oxford-IIIT Pets ``split`` ('trainval' or 'test') as samples and the 37 class names.
 
     Class names cover both split files, so a subset whose split lacks a breed still gets every name.
+    ``can_download``: whether the calling command has a ``--download`` option to suggest when the data is missing.
 
     Example:
         >>> samples, classes = pets_samples('../shared/data/pets370', 'test')   # doctest: +SKIP
@@ -42,10 +44,13 @@ def pets_samples(data_dir: str | Path, split: str, download: bool = False) -> tu
         ds = OxfordIIITPet(str(root), split=split, target_types='category', download=download)
         other = OxfordIIITPet(str(root), split='test' if split == 'trainval' else 'trainval', download=False)
     except RuntimeError as e:  # torchvision says "Dataset not found ..."
+        # torchvision's advice ("use download=True") is for its Python API; only its other findings add anything
+        detail = str(e) if 'download=True' not in str(e) else ''
+        fetch = ' or add --download to fetch it (needs network)' if can_download else ''
         raise FinetuneError(
             f'Oxford-IIIT Pets not found under {root} (expected {root}/oxford-iiit-pet/images/*.jpg and '
             f'{root}/oxford-iiit-pet/annotations/{{trainval,test}}.txt). Point --data-dir at an existing copy '
-            f'(e.g. ../shared/data/pets370) or add --download to fetch it (needs network). [{e}]') from None
+            f'(e.g. ../shared/data/pets370){fetch}.{f" [{detail}]" if detail else ""}') from None
     except OSError as e:  # e.g. no network with --download
         raise FinetuneError(f'could not download Oxford-IIIT Pets into {root}: {e}. Without network, point '
                             f'--data-dir at an existing copy such as ../shared/data/pets370.') from None
@@ -102,7 +107,7 @@ def eval_samples(dataset: str, data_dir: str | Path) -> tuple[list[Sample], list
         (185, 37)
     """
     if dataset == 'pets':
-        samples, classes = pets_samples(data_dir, 'test', False)
+        samples, classes = pets_samples(data_dir, 'test', False, can_download=False)
     elif dataset == 'imagefolder':
         root = Path(data_dir) / 'val'
         if not root.is_dir():

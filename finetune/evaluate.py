@@ -179,6 +179,8 @@ def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 
     folder = check_model_folder(model_dir)
     if batch_size < 1:
         raise FinetuneError(f'--batch-size {batch_size}: must be 1 or more')
+    if workers < 0:
+        raise FinetuneError(f'--workers {workers}: must be 0 or more (0 loads the data in the main process)')
     samples, classes, skipped = eval_samples(dataset, data_dir)
     label_names = json.loads((folder / 'config.json').read_text()).get('label_names')
     if label_names is not None and list(label_names) != list(classes):

@@ -13,6 +13,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -20,13 +21,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import timm
 import torch
 from torch import nn
 
 import timm_dropfix
+from timm_dropfix.rewrite import SUPPORTED_FAMILIES
 
 from .config import TrainConfig
 from .errors import FinetuneError
@@ -36,6 +38,47 @@ _logger = logging.getLogger(__name__)
 # pretrained_cfg keys that describe preprocessing; copied from a weights folder so the transforms match the weights
 _PREPROC_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std', 'license', 'num_classes',
                  'label_names')
+
+
+class _NoInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO
+
+
+@contextlib.contextmanager
+def quiet_rewrite_log() -> Iterator[None]:
+    """Hold back timm_dropfix.rewrite's INFO summary (its warnings still pass) while models are built.
+
+    Every ``*_dropfix`` constructor calls ``rewrite`` itself, so building the ``--v1-strides`` twin (even without
+    ``--rewrite``), rewriting and rebuilding the twin for export would each log a summary; ``train`` logs the
+    final placement once instead.
+
+    Example:
+        >>> import timm
+        >>> with quiet_rewrite_log():
+        ...     model = timm.create_model('resnet18_dropfix')     # no INFO line from timm_dropfix.rewrite
+    """
+    log, quiet = logging.getLogger('timm_dropfix.rewrite'), _NoInfo()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
+# exception class names (anywhere in the chain) that mean the Hub could not be reached and the file is not cached;
+# matched by name so that neither requests, httpx nor urllib has to be imported to recognise its errors
+_OFFLINE_ERRORS = {'LocalEntryNotFoundError', 'OfflineModeIsEnabled', 'ConnectionError', 'ConnectError',
+                   'ConnectTimeout', 'URLError', 'gaierror', 'TimeoutException'}
+
+
+def _is_offline_error(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 10:
+        if {c.__name__ for c in type(e).__mro__} & _OFFLINE_ERRORS:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 @dataclass
@@ -77,8 +120,9 @@ def _twin(arch: str, why: str) -> str:
     return twin
 
 
-def _weights_overlay(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """pretrained_cfg_overlay that loads ``path`` (a .safetensors file or a save_for_hf folder) and its config."""
+def _weights_overlay(path: str, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """pretrained_cfg_overlay that loads ``path`` (a .safetensors file or a save_for_hf folder) and its config;
+    ``model`` is the --model the weights are for (named in errors)."""
     p = Path(path)
     if p.is_dir():
         weights, cfg_file = p / 'model.safetensors', p / 'config.json'
@@ -97,11 +141,27 @@ def _weights_overlay(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         folder_cfg, overlay = {}, {'file': str(p)}
     else:
         raise FinetuneError(f'--pretrained-file {p} does not exist')
+    _check_safetensors(Path(overlay['file']), path, model)
     # the weights' own preprocessing wins over the architecture's default tag (e.g. timm resnet50.a1_in1k's
     # bicubic/0.95/test-288 would be wrong for other weights)
     overlay.update(test_input_size=None, test_crop_pct=None)
     overlay = {k: v for k, v in overlay.items() if v is not None or k.startswith('test_')}
     return overlay, folder_cfg
+
+
+def _check_safetensors(file: Path, given: str, model: str) -> None:
+    """Read the header of ``file`` (no tensors), so a damaged or non-safetensors file is named as such instead of
+    surfacing as a load error of the model it was meant for."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(file), framework='pt') as f:
+            f.keys()
+    except Exception as e:  # safetensors raises SafetensorError, OSError, ... for a file it cannot parse
+        where = '' if str(file) == given else f' ({file})'
+        raise FinetuneError(f'--pretrained-file {given}{where} is not a valid safetensors file ({type(e).__name__}: '
+                            f'{str(e)[:200]}), so --model {model!r} cannot start from it. Pass weights saved as '
+                            f'safetensors (a .safetensors file, or a save_for_hf folder), e.g. with '
+                            f'safetensors.torch.save_file or timm.models.save_for_hf.') from None
 
 
 def _describe_source(model: nn.Module, source: dict | None) -> None:
@@ -145,13 +205,19 @@ def build_model(cfg: TrainConfig, num_classes: int) -> BuiltModel:
     elif not cfg.rewrite and cfg.drop_rate:
         kwargs['drop_rate'] = export_args['drop_rate'] = cfg.drop_rate
 
+    with quiet_rewrite_log():
+        return _build(cfg, arch, kwargs, export_args)
+
+
+def _build(cfg: TrainConfig, arch: str, kwargs: dict[str, Any], export_args: dict[str, Any]) -> BuiltModel:
     license, base_model, notes = cfg.license, cfg.base_model, []
     try:
         if cfg.pretrained_file:
-            overlay, folder_cfg = _weights_overlay(cfg.pretrained_file)
+            overlay, folder_cfg = _weights_overlay(cfg.pretrained_file, cfg.model)
             model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
             license = license or overlay.get('license')
-            notes.append(f'initialised from {cfg.pretrained_file}')
+            # the file name only: the card goes to the Hub, where a local path means nothing and reveals folders
+            notes.append(f'initialised from the local weights {Path(cfg.pretrained_file).name}')
             source = folder_cfg.get('pretrained_cfg', {})
         else:
             name = arch if cfg.v1_strides else cfg.model  # keep a pretrained tag ('resnet50.a1_in1k') if given
@@ -163,8 +229,17 @@ def build_model(cfg: TrainConfig, num_classes: int) -> BuiltModel:
     except FinetuneError:
         raise
     except Exception as e:  # torch/safetensors/timm raise many types for bad weights; all mean the same here
-        src = cfg.pretrained_file or ("timm's pretrained weights" if cfg.pretrained else 'random init')
-        raise FinetuneError(f'could not build {arch!r} from {src}: {type(e).__name__}: {str(e)[:500]}') from None
+        src = (f'--pretrained-file {cfg.pretrained_file}' if cfg.pretrained_file else
+               "timm's pretrained weights (--pretrained)" if cfg.pretrained else 'a random init')
+        # the user typed cfg.model; the architecture built may be its twin (--v1-strides)
+        built_as = f' (built as {arch!r})' if arch != timm.models.split_model_name_tag(cfg.model)[0] else ''
+        hint = ''
+        if cfg.pretrained and not cfg.pretrained_file and _is_offline_error(e):
+            hint = (' No network, or HF_HUB_OFFLINE=1, and the weights are not in the Hugging Face cache: download '
+                    'them elsewhere and pass --pretrained-file (a .safetensors file or save_for_hf folder), or '
+                    'train without --pretrained.')
+        raise FinetuneError(f'could not build --model {cfg.model!r}{built_as} from {src}: {type(e).__name__}: '
+                            f'{str(e)[:500]}{hint}') from None
     _describe_source(model, source)
 
     dropfix = None
@@ -173,8 +248,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> BuiltModel:
             timm_dropfix.rewrite(model, branch_drop_rate=cfg.branch_drop_rate, head_drop_rate=cfg.head_drop_rate,
                                  branch_position=cfg.branch_position, head_position=cfg.head_position)
         except timm_dropfix.UnsupportedModelError as e:
-            raise FinetuneError(f'--rewrite does not support {cfg.model!r}: {e}. Supported: the timm ResNet and '
-                                f'ResNetV2 families; or train without --rewrite.') from None
+            detail = str(e).strip().rstrip('.')
+            if 'Supported' not in detail:  # timm_dropfix's message usually lists the families already
+                detail += '. Supported families: ' + '; '.join(SUPPORTED_FAMILIES)
+            raise FinetuneError(f'--rewrite does not support {cfg.model!r}: {detail}. Choose a model of these '
+                                f'families, or train without --rewrite.') from None
         except ValueError as e:
             raise FinetuneError(f'--rewrite: {e}') from None
         dropfix = timm_dropfix.dropfix_config(model)
@@ -236,7 +314,8 @@ def export_model(built: BuiltModel, model: nn.Module, out_dir: str | Path, class
     src_arch = m.pretrained_cfg.get('architecture')
     if built.export_arch != src_arch:
         # rebuild under the twin so the dropout placement / strides are part of the saved architecture
-        twin = timm.create_model(built.export_arch, **{**built.export_args, 'num_classes': m.num_classes})
+        with quiet_rewrite_log():
+            twin = timm.create_model(built.export_arch, **{**built.export_args, 'num_classes': m.num_classes})
         twin.load_state_dict(m.state_dict(), strict=True)
         if built.dropfix is not None and timm_dropfix.dropfix_config(twin) != built.dropfix:
             raise RuntimeError(f'{built.export_arch} rebuilt with {built.export_args} does not reproduce the '

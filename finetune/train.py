@@ -230,6 +230,65 @@ def check_options(cfg: TrainConfig) -> None:
                             f"choose one of {', '.join(b.lower() for b in DynamoBackend.__members__)}")
     if not 0 <= cfg.color_jitter < math.inf:
         raise FinetuneError(f'--color-jitter {cfg.color_jitter}: the jitter strength must be >= 0 (0 turns it off)')
+    if cfg.workers < 0:
+        raise FinetuneError(f'--workers {cfg.workers}: must be 0 or more (0 loads the data in the main process)')
+    for flag, value in (('--limit-train', cfg.limit_train), ('--limit-eval', cfg.limit_eval)):
+        if value is not None and value < 1:
+            raise FinetuneError(f'{flag} {value}: must be 1 or more, or leave it out to use every image')
+    if cfg.cache_short_side is not None and cfg.cache_short_side < 1:
+        raise FinetuneError(f'--cache-short-side {cfg.cache_short_side}: give a size in pixels (at least the input '
+                            'size), or leave it out for the default')
+    if not 0 <= cfg.seed < 2 ** 32:  # numpy's seed range, which accelerate's set_seed passes it to
+        raise FinetuneError(f'--seed {cfg.seed}: must be in [0, {2 ** 32 - 1}]')
+    if cfg.pretrained and cfg.pretrained_file:
+        raise FinetuneError('--pretrained (timm\'s weights) and --pretrained-file (your own) both choose the starting '
+                            'weights: pass one of them')
+
+
+def _warn_ignored_options(cfg: TrainConfig) -> None:
+    """Warn about dropout options that this run's other options make ineffective."""
+    if cfg.rewrite:
+        if cfg.drop_rate:
+            _logger.warning('--drop-rate %s is ignored with --rewrite: --head-drop-rate sets the head dropout',
+                            cfg.drop_rate)
+        return
+    defaults = TrainConfig()
+    # only what the user set: the defaults are always present and mean nothing without --rewrite
+    given = [f"--{name.replace('_', '-')} {getattr(cfg, name)}"
+             for name in ('branch_drop_rate', 'head_drop_rate', 'branch_position', 'head_position')
+             if getattr(cfg, name) != getattr(defaults, name)]
+    if given:
+        _logger.warning('%s %s ignored without --rewrite: %s effect only with --rewrite', ', '.join(given),
+                        'is' if len(given) == 1 else 'are', 'it takes' if len(given) == 1 else 'they take')
+
+
+def interrupted_message(cfg: TrainConfig) -> str:
+    """The one line the CLI prints when a run is stopped (Ctrl-C): what it left and how to continue.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     print(interrupted_message(TrainConfig(output_dir=d)))   # doctest: +ELLIPSIS
+        interrupted before anything was written to ...: rerun the same command to start the run
+    """
+    out = Path(cfg.output_dir)
+    # a --resume PATH elsewhere would restart from that older checkpoint; this run's own ones are newer
+    resume = (' with --resume' if cfg.resume is None else '' if cfg.resume == 'auto' else
+              ' with --resume and no path (the run\'s own checkpoints)')
+    try:
+        ckpt = find_checkpoint('auto', out)
+    except FinetuneError:
+        ckpt = None
+    if ckpt is not None:
+        epoch = read_trainer_state(ckpt).get('epoch', -1) + 1
+        return (f'interrupted: the last checkpoint is {ckpt} (epoch {epoch} of {cfg.epochs}); rerun the same '
+                f'command{resume} to continue from it')
+    if (out / 'config.json').is_file():
+        return (f'interrupted before the first checkpoint of {out}: rerun the same command{resume} to start the run '
+                f'again')
+    if cfg.resume:
+        return f'interrupted before anything was written to {out}: rerun the command without --resume to start the run'
+    return f'interrupted before anything was written to {out}: rerun the same command to start the run'
 
 
 # options whose values --resume takes from the checkpoint's optimizer state, not from the command line
@@ -258,9 +317,7 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     log_with = None if cfg.log_with == 'none' else cfg.log_with
     check_options(cfg)
-    if cfg.rewrite and cfg.drop_rate:
-        _logger.warning('--drop-rate %s is ignored with --rewrite: --head-drop-rate sets the head dropout',
-                        cfg.drop_rate)
+    _warn_ignored_options(cfg)
     try:
         accelerator = Accelerator(
             gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision, log_with=log_with,
@@ -275,6 +332,14 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
         raise FinetuneError(f'--mixed-precision {cfg.mixed_precision}: this process already ran accelerate with '
                             f'another precision, which it cannot change. Run each precision in its own process (each '
                             f'`python -m finetune` call is one).') from None
+    if accelerator.mixed_precision == 'fp16' and accelerator.device.type == 'cpu':
+        # accelerate accepts fp16 on a CPU but runs fp32 (no autocast, no scaler); config.json and the card would
+        # still say fp16
+        source = ('--mixed-precision fp16' if cfg.mixed_precision == 'fp16' else
+                  'mixed precision fp16 (from accelerate launch --mixed_precision or the accelerate config)')
+        raise FinetuneError(f'{source}: fp16 autocast needs a CUDA GPU, and this run has none (accelerate would '
+                            f'silently train in fp32). Use --mixed-precision bf16 (autocast works on CPUs) or '
+                            f'--mixed-precision no.')
     main = accelerator.is_main_process
     # what `accelerate launch` or the accelerate config chose where the options left it open, so that config.json,
     # the checkpoints' resume check and the model card record what ran
@@ -297,6 +362,8 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
                             f'({cfg.batch_size} x {accelerator.num_processes} processes); lower --batch-size')
     built = build_model(cfg, num_classes=len(split.classes))
     model = built.model
+    if main and (built.dropfix is not None or cfg.model.split('.')[0].endswith('_dropfix')):
+        _logger.info('dropout placement: %s', timm_dropfix.summarize(model))
     data_config = resolve_data_config({'input_size': (3, cfg.img_size, cfg.img_size)} if cfg.img_size else {},
                                       model=model)
     input_px = data_config['input_size'][-1]
@@ -383,28 +450,28 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
             freeze_bn_stats(model)
         train_loader.set_epoch(epoch)
         t0, loss_sum, n_batches = time.time(), torch.zeros((), device=accelerator.device), 0
-        bar = tqdm(total=len(train_loader), desc=f'epoch {epoch + 1}/{cfg.epochs}', leave=False,
-                   disable=not accelerator.is_local_main_process)
-        for images, targets, *sizes in train_loader:
-            with accelerator.accumulate(model):
-                if train_aug is not None:
-                    images = train_aug(images, *sizes)
-                elif channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                logits = model(images)
-                loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
-                accelerator.backward(loss)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule aligned
-                        scheduler.step()
-                    global_step += 1
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
-            n_batches += 1
-            bar.update(1)
-            bar.set_postfix(loss=f'{loss.item():.3f}', lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-        bar.close()
+        # closed on the way out too, so that a Ctrl-C message starts on a line of its own
+        with tqdm(total=len(train_loader), desc=f'epoch {epoch + 1}/{cfg.epochs}', leave=False,
+                  disable=not accelerator.is_local_main_process) as bar:
+            for images, targets, *sizes in train_loader:
+                with accelerator.accumulate(model):
+                    if train_aug is not None:
+                        images = train_aug(images, *sizes)
+                    elif channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    logits = model(images)
+                    loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule aligned
+                            scheduler.step()
+                        global_step += 1
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach().float()
+                n_batches += 1
+                bar.update(1)
+                bar.set_postfix(loss=f'{loss.item():.3f}', lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
         epoch_train_s = time.time() - t0
         epoch_images = n_batches * cfg.batch_size * accelerator.num_processes
         train_loss = accelerator.reduce(loss_sum / max(n_batches, 1), reduction='mean').item()

@@ -22,7 +22,20 @@ def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
 def test_missing_data_says_where_to_point(tmp_path, capsys):
     code, err = run_cli(capsys, *tiny_args(tmp_path / 'nothing_here', tmp_path / 'out'))
     assert code == 2 and 'not found' in err and '--download' in err and '--data-dir' in err
+    assert 'download=True' not in err  # torchvision's Python-API advice, not an option of this command
     assert not (tmp_path / 'out').exists()
+
+
+def test_eval_missing_data_suggests_no_download(tmp_path, capsys):
+    """finetune eval has no --download option, so its message must not suggest one."""
+    from finetune.modeling import build_model, export_model
+    from finetune.config import TrainConfig
+    built = build_model(TrainConfig(model='test_resnet'), num_classes=4)
+    folder = export_model(built, built.model, tmp_path / 'model', ['a', 'b', 'c', 'd'], {'input_size': (3, 32, 32)})
+    code = main(['eval', str(folder), '--data-dir', str(tmp_path / 'nothing_here')])
+    err = capsys.readouterr().err
+    assert code == 2 and 'not found' in err and '--data-dir' in err
+    assert '--download' not in err and 'download=True' not in err
 
 
 def test_unknown_model(tiny_pets, tmp_path, capsys):
@@ -50,10 +63,17 @@ def test_unknown_model(tiny_pets, tmp_path, capsys):
     (('--weight-decay', 'nan'), ('--weight-decay nan', '>= 0')),
     (('--lr', 'inf'), ('--lr inf', 'finite')),
     (('--color-jitter', 'nan'), ('--color-jitter nan', '>= 0')),
+    (('--workers', '-1'), ('--workers -1', '0 or more')),  # torch's own ValueError came after config.json
+    (('--limit-train', '0'), ('--limit-train 0', '1 or more')),
+    (('--limit-eval', '0'), ('--limit-eval 0', '1 or more')),
+    (('--cache-short-side', '0'), ('--cache-short-side 0', 'pixels')),
+    (('--seed', '-1'), ('--seed -1', '[0, 4294967295]')),
+    (('--pretrained', '--pretrained-file', 'w.safetensors'), ('--pretrained', '--pretrained-file', 'one of them')),
 ], ids=['cache_smaller_than_input', 'negative_color_jitter', 'unknown_dynamo_backend', 'drop_rate_one',
         'drop_rate_negative', 'branch_rate_nan', 'head_rate_above_one', 'grad_accum_zero', 'batch_size_zero',
         'epochs_zero', 'img_size_zero', 'lr_negative', 'label_smoothing_above_one', 'weight_decay_nan', 'lr_inf',
-        'color_jitter_nan'])
+        'color_jitter_nan', 'workers_negative', 'limit_train_zero', 'limit_eval_zero', 'cache_short_side_zero',
+        'seed_negative', 'pretrained_and_pretrained_file'])
 def test_bad_option(tiny_pets, tmp_path, capsys, extra, says):
     code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', *extra))
     assert code == 2 and all(s in err for s in says)
@@ -65,6 +85,7 @@ def test_rewrite_unsupported_model(tiny_pets, tmp_path, capsys):
     args[args.index('resnet18')] = 'mobilenetv3_small_050'
     code, err = run_cli(capsys, *args)
     assert code == 2 and '--rewrite does not support' in err and 'mobilenetv3_small_050' in err
+    assert '..' not in err and err.count('Supported') == 1 and 'without --rewrite' in err  # one clean message
     assert not (tmp_path / 'out').exists()
 
 
@@ -85,8 +106,10 @@ def test_unwritable_output_dir(tiny_pets, tmp_path, capsys):
 def test_bad_pretrained_file(tiny_pets, tmp_path, capsys):
     bad = tmp_path / 'weights.safetensors'
     bad.write_bytes(b'\x00' * 64)
-    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--pretrained-file', str(bad)))
-    assert code == 2 and 'could not build' in err
+    # --v1-strides builds the twin resnet18_dropfix: the message names what the user typed
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--pretrained-file', str(bad), '--v1-strides'))
+    assert code == 2 and 'not a valid safetensors file' in err and str(bad) in err
+    assert "--model 'resnet18'" in err and 'resnet18_dropfix' not in err
     code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--pretrained-file', str(tmp_path / 'x.pt')))
     assert code == 2 and 'does not exist' in err
     assert not (tmp_path / 'out').exists()
@@ -154,3 +177,104 @@ def test_a_second_precision_in_one_process_is_a_clear_error(tiny_pets, tmp_path,
         AcceleratorState._reset_state()
     assert code == 2 and 'another precision' in err and 'its own process' in err
     assert not (tmp_path / 'out').exists()
+
+
+def test_pretrained_offline_says_what_to_do(tiny_pets, tmp_path, capsys, monkeypatch):
+    """Offline with weights that are not cached: huggingface's generic connection text gets a hint."""
+    import huggingface_hub.constants as hf_constants
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+    # huggingface_hub reads both at import: patch what it reads at call time as well
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hf' / 'hub'))
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', '--pretrained'))
+    assert code == 2 and 'HF_HUB_OFFLINE=1' in err and '--pretrained-file' in err and 'without --pretrained' in err
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='fp16 autocast works on a CUDA GPU')
+@pytest.mark.parametrize('source', ['option', 'accelerate_launch'])
+def test_fp16_without_cuda_is_refused(tiny_pets, tmp_path, capsys, monkeypatch, source):
+    """accelerate accepts fp16 on a CPU and trains in fp32, while config.json would record fp16."""
+    from accelerate.state import AcceleratorState
+    extra = ('--mixed-precision', 'fp16') if source == 'option' else ()
+    if source == 'accelerate_launch':  # what `accelerate launch --mixed_precision fp16` passes on
+        monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'fp16')
+    AcceleratorState._reset_state()  # a new command line is a new process: its Accelerator may choose fp16
+    try:
+        code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', *extra))
+    finally:
+        AcceleratorState._reset_state()
+    assert code == 2 and 'fp16' in err and 'CUDA GPU' in err and 'bf16' in err and '--mixed-precision no' in err
+    assert ('--mixed-precision fp16' in err) == (source == 'option')
+    assert not (tmp_path / 'out').exists()
+
+
+def _interrupt_when(monkeypatch, when):
+    """Make the training loop's loss raise KeyboardInterrupt (as Ctrl-C would) once ``when()`` is true."""
+    import types
+
+    import torch.nn.functional as F
+
+    import finetune.train
+
+    def cross_entropy(*args, **kwargs):
+        if when():
+            raise KeyboardInterrupt
+        return F.cross_entropy(*args, **kwargs)
+    monkeypatch.setattr(finetune.train, 'F', types.SimpleNamespace(cross_entropy=cross_entropy))
+
+
+def test_ctrl_c_says_where_to_continue(tiny_pets, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'run'
+    latest = out / 'checkpoints' / 'LATEST'
+    _interrupt_when(monkeypatch, latest.is_file)  # in the first step of epoch 2, after epoch 1's checkpoint
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, out, '--epochs', '2'))
+    ckpt = out / 'checkpoints' / 'epoch_0000'
+    assert code == 130 and 'Traceback' not in err
+    assert err.strip().splitlines()[-1] == (f'interrupted: the last checkpoint is {ckpt} (epoch 1 of 2); rerun the '
+                                            f'same command with --resume to continue from it')
+    assert (ckpt / 'trainer_state.json').is_file() and latest.read_text().strip() == 'epoch_0000'
+
+    # stopped before the first checkpoint: --resume starts the run again
+    _interrupt_when(monkeypatch, lambda: True)
+    code, err = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'early'))
+    assert code == 130 and 'Traceback' not in err
+    assert 'before the first checkpoint' in err and 'with --resume to start the run again' in err
+
+
+def test_rewrite_options_without_rewrite_warn(tmp_path, capsys, caplog):
+    # the data is missing: the run stops before training, after the options were looked at
+    run_cli(capsys, *tiny_args(tmp_path / 'nothing_here', tmp_path / 'out'))
+    assert 'without --rewrite' not in caplog.text  # the defaults alone say nothing
+    run_cli(capsys, *tiny_args(tmp_path / 'nothing_here', tmp_path / 'out', '--branch-drop-rate', '0.3',
+                                '--head-position', 'after_pool', '--head-drop-rate', '0.2'))
+    assert ('--branch-drop-rate 0.3, --head-position after_pool are ignored without --rewrite: they take effect '
+            'only with --rewrite') in caplog.text
+    assert '--head-drop-rate' not in caplog.text  # given, but equal to the default
+
+
+@pytest.mark.parametrize('rewrite', [False, True])
+def test_dropout_placement_logged_once_and_only_after_a_rewrite(tiny_pets, tmp_path, capsys, caplog, rewrite):
+    """--v1-strides builds resnet18_dropfix, whose constructor runs rewrite (p=0) itself: no line for that."""
+    import logging
+    caplog.set_level(logging.INFO)
+    extra = ('--v1-strides', '--cache-short-side', '24') + (('--rewrite',) if rewrite else ())
+    code, _ = run_cli(capsys, *tiny_args(tiny_pets, tmp_path / 'out', *extra))  # stops after the model is built
+    assert code == 2
+    lines = [r.getMessage() for r in caplog.records if 'branch dropout' in r.getMessage()]
+    if rewrite:
+        assert len(lines) == 1 and 'p=0.1' in lines[0] and 'p=0.2 before_pool' in lines[0], lines
+        assert 'timm_dropfix.rewrite:' not in lines[0]
+    else:
+        assert lines == []
+
+
+def test_help_is_plain_text_and_describes_the_rates(capsys):
+    from finetune.__main__ import build_parser
+    assert '``' not in build_parser().format_help()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(['train', '--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert 'BRANCH_DROP_RATE with --rewrite: dropout rate in every residual branch' in text
+    assert '(default: 0.1)' in text and '(default: 0.2)' in text

@@ -166,9 +166,12 @@ def test_card_includes_bench_comparison(model_dir, tmp_path):
     assert '| recommended |' in card and '+0.0150' in card  # mean paired diff (0.01 + 0.02) / 2
 
 
-def test_card_names_local_weights_without_their_path():
+def test_card_names_local_weights_without_their_path(model_dir):
     from finetune.card import render_card
     card = render_card({'architecture': 'resnet50', 'num_classes': 37},
                        {'dataset': 'pets', 'model': 'resnet50', 'pretrained_file': '/home/alice/weights/in1k'},
                        dict(top1=0.7, top5=0.9, mean_class_acc=0.7, n=185), {})
     assert 'in1k (a local file)' in card and '/home/alice' not in card
+    from finetune.modeling import build_model
+    notes = build_model(TrainConfig(model='resnet18', pretrained_file=str(model_dir)), 4).notes
+    assert notes == [f'initialised from the local weights {model_dir.name}']
