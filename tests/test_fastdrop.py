@@ -263,6 +263,37 @@ def test_dropfix_models_use_it_only_in_eager_cpu_training():
     assert _count_fast_calls(traced, x) == 0
 
 
+@pytest.mark.filterwarnings('ignore::FutureWarning', 'ignore::torch.jit.TracerWarning')
+@pytest.mark.parametrize('name', ['preresnet18_dropfix', 'resnet18_dropfix'])
+def test_a_train_mode_trace_records_torch_dropout_and_stays_random(name):
+    """torch.jit.trace would bake one seed into the graph (the same masks on every call) and cannot replay the
+    in-place Functions: under tracing the modules run torch's dropout, which the trace records as a random op."""
+    model = timm.create_model(name, num_classes=5).train()
+    x = torch.randn(2, 3, 32, 32)
+    traced = torch.jit.trace(model, x, check_trace=False)
+    assert _count_fast_calls(traced, x) == 0
+    assert not torch.equal(traced(x), traced(x))
+    seeded = torch.jit.trace(lambda t: timm_dropfix.fast_dropout(t, 0.5), torch.ones(64))
+    assert not torch.equal(seeded(torch.ones(64)), seeded(torch.ones(64)))
+
+
+def test_forward_mode_ad_gets_torch_dropout():
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        out, tangent = fwAD.unpack_dual(timm_dropfix.fast_dropout(fwAD.make_dual(torch.ones(100), torch.ones(100)), 0.5))
+    assert torch.equal(out, tangent) and (out == 0).any()  # the tangent is masked and scaled as the values are
+
+
+def test_inplace_on_a_strided_tensor_overwrites_it():
+    """The kernel writes dense memory only; a transposed or sliced x is still overwritten, by torch's kernel."""
+    for make in (lambda: torch.ones(8, 8).t(), lambda: torch.ones(8, 16)[:, ::2]):
+        x = make()
+        assert timm_dropfix.fast_dropout(x, 0.5, inplace=True) is x and (x == 0).any() and (x == 2).any()
+        x, shortcut = make(), make()
+        assert timm_dropfix.fast_dropout_add(x, shortcut, 0.5, inplace=True) is x
+        assert sorted(x.unique().tolist()) == [1.0, 3.0]
+
+
 def test_switch_off_reproduces_torch_dropout_exactly():
     """With the switch off, a dropfix model's training forward is bit-identical to the same blocks calling their
     nn.Dropout modules (what earlier versions did)."""

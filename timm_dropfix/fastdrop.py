@@ -39,6 +39,7 @@ from types import ModuleType
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from timm.layers import BatchNormAct2d
 from torch import nn
 from torch.nn import functional as F
@@ -143,8 +144,8 @@ def fast_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tens
     overwrites ``x`` as ``F.dropout(..., inplace=True)`` does (autograd refuses it where ``x`` is needed for
     backward). Rates that round to 0 or 1, and tensors that are not plain CPU float32/float64 or CUDA
     float16/bfloat16/float32 ones (another device or dtype, a tensor subclass, inside ``torch.func`` transforms,
-    CUDA without triton, CUDA graph capture) go to ``F.dropout`` instead, as does ``inplace`` without the fused
-    kernel.
+    ``torch.jit.trace`` or forward-mode AD, CUDA without triton, CUDA graph capture) go to ``F.dropout`` instead, as
+    does ``inplace`` without the fused kernel or on a tensor that is not dense (a transpose, a strided slice).
 
     Example:
         >>> import torch
@@ -159,7 +160,9 @@ def fast_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tens
     if launch is not None:
         t = _threshold(p)
         if t is not None:
-            return _FusedDropout.apply(x, _draw_seed(), t, inplace and _dense_layout(x), launch)
+            if not inplace or _dense_layout(x):
+                return _FusedDropout.apply(x, _draw_seed(), t, inplace, launch)
+        # the kernel writes dense memory only: a strided x is overwritten by torch's kernel, as inplace promises
         return F.dropout(x, p, training=True, inplace=inplace)
     t = round(p * _LEVELS)
     if inplace or not 0 < t < _LEVELS or x.numel() < 4:
@@ -351,6 +354,10 @@ def _fast_path(x: torch.Tensor) -> bool:
     """Whether ``x`` may take this module's dropout: a plain tensor (a Proxy (fx) or tensor subclass fails the exact
     type check; vmap/grad wrap tensors in the same Python type) in a float dtype that one of the kernels takes."""
     if type(x) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    # torch.jit.trace would record the seed as a constant (one mask for every call) and cannot replay the in-place
+    # Functions; forward-mode AD needs a jvp they do not define. torch's dropout does both.
+    if torch._C._is_tracing() or _forward_ad._current_level >= 0:
         return False
     if x.device.type == _GPU_DEVICE:
         # a CUDA graph replays its kernels with the seed drawn at capture: torch's kernel advances its own offset
