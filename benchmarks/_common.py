@@ -37,7 +37,7 @@ RESULT_ENV = ('TIMM_DROPFIX_FAST_DROPOUT',)
 __all__ = [
     'REPO_ROOT', 'RESULTS_DIR', 'shared_dir', 'machine_info', 'command_line', 'utc_now', 'write_json',
     'write_result', 'write_json_and_markdown', 'mean_std', 'student_t_ppf', 'paired_t_interval', 'fmt_pm',
-    'describe_machine',
+    'describe_machine', 'require_shared', 'check_output_path', 'check_timm_model',
 ]
 
 
@@ -45,7 +45,8 @@ def shared_dir(required: bool = True) -> Path:
     """Folder with the project's real data and weights (``$TIMM_DROPFIX_SHARED``, default ``<repo>/../shared``).
 
     Args:
-        required: raise ``FileNotFoundError`` with a hint when the folder is missing.
+        required: exit with a one-line ``SystemExit`` that says what to set when the folder is missing (the
+            scripts call this before measuring, so a traceback would only hide the fix).
 
     Example:
         >>> shared_dir(required=False).name
@@ -53,10 +54,72 @@ def shared_dir(required: bool = True) -> Path:
     """
     path = Path(os.environ.get('TIMM_DROPFIX_SHARED', REPO_ROOT.parent / 'shared')).expanduser()
     if required and not path.is_dir():
-        raise FileNotFoundError(
+        raise SystemExit(
             f'shared data folder {path} not found: set TIMM_DROPFIX_SHARED to the folder that holds '
             f'data/pets370, data/cifar10 and weights/resnet50_keras_in1k')
     return path
+
+
+def require_shared(*parts: str) -> Path:
+    """``shared_dir() / parts``, which must exist; else a one-line ``SystemExit`` naming what is missing.
+
+    Scripts call this right after parsing, so a missing data set stops them before any measuring.
+
+    Example:
+        >>> require_shared('data', 'pets370').name  # doctest: +SKIP
+        'pets370'
+    """
+    root = shared_dir()
+    path = root.joinpath(*parts)
+    if not path.exists():
+        raise SystemExit(f"{path} not found: set TIMM_DROPFIX_SHARED to a shared folder that holds "
+                         f"{'/'.join(parts)} (now {root})")
+    return path
+
+
+def check_output_path(path: str | os.PathLike, option: str, *, prefix: bool = False) -> Path:
+    """Check before measuring that the results can be written: the target folder (``path``, or its parent when
+    ``prefix`` is true, for ``--out PREFIX`` options) must exist as a writable folder or be creatable in one.
+
+    Nothing is created here: a run that stops for another reason leaves no empty folders behind.
+
+    Raises:
+        SystemExit: one line naming ``option``, the path and what to give instead.
+
+    Example:
+        >>> check_output_path('/tmp/some/new/folder', '--out-dir')
+        PosixPath('/tmp/some/new/folder')
+    """
+    path = Path(path).expanduser()
+    folder = path.parent if prefix else path
+    probe = folder.absolute()
+    while not probe.is_dir():
+        if os.path.lexists(probe):  # a file (or a dangling link) where a folder must go: mkdir would fail late
+            raise SystemExit(f'{option} {path}: {probe} exists and is not a folder; give a path whose folders '
+                             f'are folders (or can be created)')
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SystemExit(f'{option} {path}: cannot write in {probe} (no permission); give a writable location')
+    return path
+
+
+def check_timm_model(name: str, option: str) -> str:
+    """``name`` if timm knows it (the ``*_dropfix`` models included), else a one-line ``SystemExit``.
+
+    Example:
+        >>> check_timm_model('resnet50', '--model')
+        'resnet50'
+    """
+    import timm
+    import timm_dropfix  # noqa: F401  (registers the *_dropfix models with timm)
+
+    if not timm.is_model(name):
+        similar = timm.list_models(f'*{name}*')[:5]
+        hint = f" (similar: {', '.join(similar)})" if similar else ''
+        raise SystemExit(f'{option} {name!r} is not a timm model{hint}; give a name from timm.list_models()')
+    return name
 
 
 def machine_info() -> dict[str, Any]:

@@ -17,9 +17,9 @@ The whole pipeline runs on one device: the decoded uint8 images live in a device
 run there on each batch. On CPU (``--profile cpu-smoke``) it is the same code path with ``device='cpu'``.
 
 Profiles:
-    cpu-smoke  PreResNet-20, 2,048 train / 500 test images, 3 epochs (48 steps), 2 variants x 2 seeds: a few
-               minutes on 2 idle CPU cores. Proves the script end to end; its numbers are labelled smoke and are
-               not evidence.
+    cpu-smoke  PreResNet-20, 2,048 train / 500 test images, 3 epochs (48 steps), 2 variants x 2 seeds: the
+               committed run took 19.5 min (1169 s) on 2 CPU cores. Proves the script end to end; its numbers are
+               labelled smoke and are not evidence.
     gpu        sized for 10 minutes on one H100/H200: PreResNet-20 (9 variants) and PreResNet-56 (3 variants) x
                2 seeds on the full data, bf16 autocast, channels_last. The epoch count is set once per model by
                timing a few training steps and dividing the time budget evenly over its runs (the same epochs for
@@ -58,6 +58,7 @@ DATA_NOTE = 'CIFAR-10, lossy q75 JPEG copy (cifar10-jpeg.npz), not the original 
 # Normalization of the code base the paper's CIFAR recipe comes from.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
+CIFAR10_TRAIN = 50_000  # images in the train split of cifar10-jpeg.npz
 PAPER_CIFAR10 = {'model': 'PreResNet-110, 164 epochs, recommended branch + head dropout', 'top1': 94.44}
 
 # name -> (branch_position, head_position); rates come from --branch-rate / --head-rate
@@ -349,6 +350,23 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _missing_result_keys(src: Any) -> list[str]:
+    """What a loaded JSON lacks of the cifar10 result layout that :func:`merge_results` reads (empty: all there)."""
+    if not isinstance(src, dict):
+        return ['a JSON object at the top']
+    missing = [k for k in ('profile', 'data', 'settings', 'runs', 'meta') if k not in src]
+    if isinstance(src.get('settings'), dict):
+        missing += [f'settings.{k}' for k in ('epochs', 'models') if k not in src['settings']]
+    if isinstance(src.get('meta'), dict):
+        missing += [f'meta.{k}' for k in ('seeds', 'command', 'date_utc', 'wall_time_s', 'machine')
+                    if k not in src['meta']]
+    if isinstance(src.get('runs'), list):
+        missing += sorted({f'runs[].{k}' for r in src['runs']
+                           for k in ('model', 'variant', 'seed', 'test_acc', 'epochs')
+                           if not isinstance(r, dict) or k not in r})
+    return missing
+
+
 _RECIPE_KEYS = ('batch_size', 'lr', 'momentum', 'weight_decay', 'augmentation', 'normalize', 'amp_bf16',
                 'branch_rate', 'head_rate', 'n_train', 'n_test', 'train_subset', 'test_subset')
 
@@ -372,6 +390,10 @@ def merge_results(paths: Sequence[str | Path]) -> dict[str, Any]:
             srcs.append(json.loads(Path(p).read_text()))
         except (OSError, ValueError) as e:
             raise SystemExit(f'--merge: cannot read {p} as a cifar10 result ({e})') from e
+        missing = _missing_result_keys(srcs[-1])
+        if missing:
+            raise SystemExit(f"--merge: {p} is not a cifar10.py result (it lacks {', '.join(missing)}); give the "
+                             f".json files that cifar10.py --profile wrote")
     first = srcs[0]
     epochs: dict[str, int] = {}
     models: dict[str, list[str]] = {}
@@ -510,13 +532,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help='combine these result files (same profile, recipe and epochs) into --name; trains nothing')
     p.add_argument('--note', default=None, help='free text stored with the result (e.g. what shared the machine)')
     p.add_argument('--epochs', type=int, default=None, help="override the profile's epochs ('auto' in gpu)")
-    p.add_argument('--seeds', type=int, nargs='+', default=None)
+    p.add_argument('--seeds', type=int, nargs='+', default=None,
+                   help="override the profile's seeds (both profiles: 0 1); each seed pairs every variant")
     p.add_argument('--models', nargs='+', default=None, help='restrict to these models of the profile')
     p.add_argument('--variants', nargs='+', default=None, choices=sorted(VARIANTS), metavar='VARIANT',
                    help=f"override each model's variants ('none' is always added: it is the paired baseline); "
                         f"one of {', '.join(VARIANTS)}")
-    p.add_argument('--train-subset', type=int, default=None)
-    p.add_argument('--test-subset', type=int, default=None)
+    p.add_argument('--train-subset', type=int, default=None,
+                   help='train on this many images, a fixed random subset (cpu-smoke: 2048; gpu: all 50,000)')
+    p.add_argument('--test-subset', type=int, default=None,
+                   help='test on this many images, a fixed random subset (cpu-smoke: 500; gpu: all 10,000)')
     p.add_argument('--time-budget-s', type=float, default=None,
                    help='seconds for the whole script: data, calibration and runs (gpu: 540)')
     p.add_argument('--device', default=None, help="override the profile's device")
@@ -532,6 +557,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.profile is None and not args.merge:
         p.error('--profile is required (or --merge FILES to combine results)')
+    _common.check_output_path(args.out_dir, '--out-dir')
+    if args.merge:
+        return args
+    for name in ('epochs', 'test_subset', 'calib_steps', 'threads'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seeds is not None and len(set(args.seeds)) < len(args.seeds):
+        p.error('--seeds must be distinct: runs are paired by seed')
+    if args.train_subset is not None:
+        batch = PROFILES[args.profile]['batch_size']
+        n = min(args.train_subset, CIFAR10_TRAIN)
+        # a last batch of one image stops BatchNorm in training ("more than 1 value per channel") at the end of
+        # the first epoch, after the data load and any calibration
+        if n < 2 or n % batch == 1:
+            p.error(f'--train-subset {args.train_subset} leaves a batch of one image (batch size {batch}), on which '
+                    'BatchNorm cannot train; give at least 2 and not one more than a multiple of the batch size')
+    if args.time_budget_s is not None and not args.time_budget_s > 0:
+        p.error('--time-budget-s must be more than 0 seconds')
+    for name in ('branch_rate', 'head_rate'):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1): a dropout probability")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device!r} is not a torch device; give cpu or cuda")
+    if args.models is not None:
+        unknown = [m for m in args.models if m not in PROFILES[args.profile]['models']]
+        if unknown:
+            p.error(f"--models {' '.join(unknown)}: not in profile {args.profile} "
+                    f"(its models: {', '.join(PROFILES[args.profile]['models'])})")
+    if args.data is None:
+        args.data = _common.require_shared('data', 'cifar10', 'cifar10-jpeg.npz')
+    elif not args.data.is_file():
+        p.error(f'--data {args.data}: no such file; give the path of cifar10-jpeg.npz')
     return args
 
 
@@ -557,9 +617,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for key in ('epochs', 'seeds', 'train_subset', 'test_subset', 'time_budget_s', 'device', 'calib_steps'):
         if getattr(args, key) is not None:
             prof[key] = getattr(args, key)
+    # parse_args has checked that every --models name is in the profile
     models = {m: v for m, v in prof['models'].items() if args.models is None or m in args.models}
-    if not models:
-        raise SystemExit(f"--models {args.models}: none of them is in profile {args.profile} ({list(prof['models'])})")
     if args.variants:
         models = {m: ['none'] + [v for v in args.variants if v != 'none'] for m in models}
     device = torch.device(prof['device'])
@@ -636,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _write(payload: dict[str, Any], args: argparse.Namespace, argv: Sequence[str] | None, seeds: list[int],
            started: str, wall: float, label: str | None, name: str) -> dict[str, Any]:
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)  # parse_args checked that it can be made
     stem = args.out_dir / name
     result = _common.write_result(stem.with_suffix('.json'), payload, seeds=seeds, started_at=started,
                                   wall_time_s=wall, label=label,

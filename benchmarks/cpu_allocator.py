@@ -11,7 +11,8 @@ Writes ``benchmarks/results/cpu_allocator.json`` and ``.md``.
 
 Example::
 
-    python benchmarks/cpu_allocator.py            # 5 pairs of 12 steps at 128 px, batch 16: about 5 min on 2 cores
+    python benchmarks/cpu_allocator.py            # 5 pairs of 12 steps at 128 px, batch 16: about 3 min on 2 cores
+                                                  # (the committed --pairs 12 took 449 s, 37 s a pair)
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import RESULTS_DIR, command_line, describe_machine, utc_now, write_json_and_markdown  # noqa: E402
+from _common import (RESULTS_DIR, check_output_path, command_line, describe_machine, utc_now,  # noqa: E402
+                     write_json_and_markdown)
 from finetune.stats import paired_t_interval  # noqa: E402
 
 
@@ -128,21 +130,30 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--pairs', type=int, default=5)
-    parser.add_argument('--steps', type=int, default=12)
-    parser.add_argument('--warmup', type=int, default=4)
-    parser.add_argument('--size', type=int, default=128)
-    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--pairs', type=int, default=5,
+                        help='pairs of fresh processes, one per arm each (default 5; 2 or more give an interval)')
+    parser.add_argument('--steps', type=int, default=12, help='training steps per process (default 12)')
+    parser.add_argument('--warmup', type=int, default=4,
+                        help='first steps of each process left out of times and faults (default 4)')
+    parser.add_argument('--size', type=int, default=128, help='image size in pixels (default 128)')
+    parser.add_argument('--batch', type=int, default=16, help='batch size (default 16)')
     parser.add_argument('--no-dropout', action='store_true', help='resnet50 as timm builds it (no rewrite)')
     parser.add_argument('--out', default=str(RESULTS_DIR / 'cpu_allocator'), help='output prefix (.json, .md)')
-    parser.add_argument('--note', default=None)
+    parser.add_argument('--note', default=None, help='free text stored with the results (e.g. machine load)')
     parser.add_argument('--_child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
         print(json.dumps(child(json.loads(args._child))))
         return
-    if args.pairs < 1 or args.steps <= args.warmup:
-        parser.error('--pairs must be at least 1 and --steps more than --warmup')
+    if args.pairs < 1 or args.warmup < 0 or args.steps <= args.warmup:
+        parser.error('--pairs must be at least 1, --warmup at least 0 and --steps more than --warmup')
+    if args.size < 32:
+        parser.error('--size must be at least 32: resnet50 downsamples by 32')
+    if args.batch < 2:
+        # below 64 px resnet50's last feature map is 1x1, and one image fails there after the model is built
+        parser.error('--batch must be at least 2: training BatchNorm needs the statistics of more than one image '
+                     '(one image at small sizes leaves it one value per channel, and training fails)')
+    check_output_path(args.out, '--out', prefix=True)
     started, t0 = utc_now(), time.perf_counter()
     result: dict[str, Any] = {'allocator': measure(args.pairs, args.steps, args.warmup, args.size, args.batch,
                                                    not args.no_dropout)}

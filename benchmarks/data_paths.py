@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO_ROOT, command_line, describe_machine, shared_dir, utc_now, write_bench_report,  # noqa: E402
-                     write_result)
+from _common import (REPO_ROOT, check_output_path, command_line, describe_machine, require_shared,  # noqa: E402
+                     utc_now, write_bench_report, write_result)
 
 PROFILES: dict[str, dict[str, Any]] = {
     'cpu': dict(img_size=160, epochs=6, seeds=list(range(12)), limit_train=None, limit_eval=None),
@@ -187,6 +187,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Train the grid (or, with ``--report-only``, only summarise it) and write the report; returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--profile', choices=sorted(PROFILES), default='cpu')
@@ -203,13 +204,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error('--jobs must be >= 1')
+    if args.threads is not None and args.threads < 1:
+        parser.error('--threads must be >= 1')
+    if args.seeds is not None and len(set(args.seeds)) < len(args.seeds):
+        parser.error('--seeds must be distinct: the arms are paired by seed')
+    if BASELINE not in args.arms:
+        parser.error(f'--arms must include the baseline {BASELINE!r}: every arm is compared with it')
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    shared = shared_dir()
-    work = Path(args.work_dir or REPO_ROOT / 'runs' / f'data_paths_{args.profile}')
-    out = Path(args.out or REPO_ROOT / 'benchmarks' / 'results' / f'data_paths_{args.profile}')
+    work = check_output_path(args.work_dir or REPO_ROOT / 'runs' / f'data_paths_{args.profile}', '--work-dir')
+    out = check_output_path(args.out or REPO_ROOT / 'benchmarks' / 'results' / f'data_paths_{args.profile}', '--out',
+                            prefix=True)
+    data, weights = require_shared('data', 'pets370'), require_shared('weights', 'resnet50_keras_in1k')
     out.parent.mkdir(parents=True, exist_ok=True)
-    run(args.profile, work, out, shared / 'data' / 'pets370', shared / 'weights' / 'resnet50_keras_in1k',
-        args.seeds, args.jobs, threads, argv, report_only=args.report_only, arms=args.arms)
+    run(args.profile, work, out, data, weights, args.seeds, args.jobs, threads, argv, report_only=args.report_only,
+        arms=args.arms)
     return 0
 
 

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from _common import RESULTS_DIR, command_line, describe_machine, utc_now, write_json_and_markdown  # noqa: E402
+from _common import (RESULTS_DIR, check_output_path, check_timm_model, command_line, describe_machine,  # noqa: E402
+                     utc_now, write_json_and_markdown)
 from finetune.stats import median_interval  # noqa: E402
 
 TARGET = 0.03  # issue 5: the placement costs at most 3 % step time
@@ -129,6 +130,7 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """Measure the rounds and write ``<out-dir>/dropout_overhead_<device>[-<model>].json`` and ``.md``."""
     import throughput
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -142,16 +144,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help="CPU: keep freed memory in the process as `finetune train` does by default "
                              "(finetune/cpumem.py); without it, glibc's defaults")
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--out-dir', default=str(RESULTS_DIR))
+    parser.add_argument('--seed', type=int, default=0, help='seed of the weights, batch and masks (default 0)')
+    parser.add_argument('--out-dir', default=str(RESULTS_DIR), help='output folder (default benchmarks/results)')
     parser.add_argument('--note', default=None, help='free text stored with the results (e.g. machine load)')
     args = parser.parse_args(argv)
     if args.rounds < 6:
         parser.error('--rounds must be at least 6 (fewer cannot give a 95 % interval for the median)')
-    if args.size < 32 or args.batch < 1:
-        parser.error('--size must be at least 32 and --batch at least 1')
+    if args.size < 32:
+        parser.error('--size must be at least 32: the ResNets downsample by 32')
+    if args.batch < 2:
+        # below 64 px resnet50's last feature map is 1x1, and one image fails there after the models are built
+        parser.error('--batch must be at least 2: training BatchNorm needs the statistics of more than one image '
+                     '(one image at small sizes leaves it one value per channel, and training fails)')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda needs a CUDA device; run on cpu')
+    check_timm_model(args.model, '--model')
+    check_output_path(args.out_dir, '--out-dir')
     device = torch.device(args.device)
     started, t0 = utc_now(), time.perf_counter()
     torch.manual_seed(args.seed)

@@ -9,6 +9,15 @@
 #   bash benchmarks/gpu_session.sh            # results under $OUT (default out/gpu), one log per step
 # Copy the result files from $OUT into benchmarks/results/ to commit them; each records its command and machine.
 set -uo pipefail
+# it takes no arguments: any (say --help) prints the header above instead of starting the session's pip install
+if [ $# -gt 0 ]; then
+    usage() { sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; }
+    case $1 in
+        -h|--help) usage; exit 0 ;;
+        *) { echo "gpu_session.sh: unknown argument '$1' (it takes none; settings come from OUT and TIMM_DROPFIX_SHARED)"
+             usage; } >&2; exit 2 ;;
+    esac
+fi
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"

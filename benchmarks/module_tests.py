@@ -530,7 +530,7 @@ def _markdown(result: dict[str, Any]) -> str:
         f"- command: `{meta['command']}`",
         f"- machine: {m['processor']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
         f"GPU: {m['cuda_device'] or 'none'}; torch {m['torch']}, timm {m['timm']}",
-        f"- date (UTC): {meta['date_utc']}, wall time {meta['wall_time_s']:.0f} s, seeds {meta['seeds']}",
+        f"- date (UTC): {meta['date_utc']}, wall time {meta['wall_time_s']:.0f} s, seeds {_seeds_text(result)}",
         '',
     ]
     if 'figures' in result:
@@ -561,7 +561,7 @@ def _markdown(result: dict[str, Any]) -> str:
             '## Real network',
             '',
             f"{st['model']}; {st['images']}; {st['img_size'][0]} px; branch p = {st['branch_drop_rate']}, "
-            f"head p = {st['head_drop_rate']}; {st['num_masks']} dropout masks per image; "
+            f"head p = {st['head_drop_rate']}; {st['num_masks']} dropout masks per image (mask seed {st['seed']}); "
             f"{len(st['bn_layers'])} BN layers.",
             'BN ratio = Var(BN input, eval) / Var(BN input, dropout active, BN frozen): 1 = no variance shift. '
             'Logit noise = variance of the logits over masks, relative to the variance of the eval logits over images.',
@@ -589,11 +589,25 @@ def _markdown(result: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
+def _seeds_text(result: dict[str, Any]) -> str:
+    """The seeds of each part: the module tests' sweeps and the real network's masks are separate draws."""
+    seeds = result.get('seeds')
+    if not seeds:  # written before the parts recorded their own seeds: meta holds them all in one list
+        return str(result['meta']['seeds'])
+    parts = []
+    if 'figures' in seeds:
+        parts.append(f"{seeds['figures']} (Figures 1 and 2)")
+    if 'real_network' in seeds:
+        parts.append(f"{seeds['real_network']} (real-network masks)")
+    return ', '.join(parts)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (the profile's defaults filled in); a bad value exits before any work."""
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--part', choices=('all', 'figures', 'real'), default='all')
-    p.add_argument('--quick', action='store_true', help='smaller sweeps and fewer images (about a minute)')
+    p.add_argument('--quick', action='store_true', help='smaller sweeps and fewer images (about 8x less work)')
     p.add_argument('--n', type=int, default=None, help='module-test batch (default 100000; quick 20000)')
     p.add_argument('--d', type=int, default=128, help='module-test width')
     p.add_argument('--seeds', type=int, nargs='+', default=None, help='module-test seeds (default 0 1 2; quick 0)')
@@ -607,7 +621,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument('--branch-rate', type=float, default=0.1)
     p.add_argument('--head-rate', type=float, default=0.2)
     p.add_argument('--seed', type=int, default=0, help='seed of the real-network dropout masks')
-    p.add_argument('--out-dir', type=Path, default=_common.RESULTS_DIR)
+    p.add_argument('--out-dir', type=Path, default=_common.RESULTS_DIR, help='output folder')
     p.add_argument('--name', default=None, help='output file stem (default module_tests[_quick])')
     p.add_argument('--threads', type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy shared machine)")
@@ -620,6 +634,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    at_least = {'n': 2, 'd': 1, 'fig2_points': 2, 'threads': 1, 'num_masks': 2, 'num_images': 2, 'img_size': 32}
+    for k, low in at_least.items():
+        if getattr(args, k) is not None and getattr(args, k) < low:
+            why = {'n': ': a variance over the batch', 'fig2_points': ': the grid has two ends',
+                   'num_masks': ': a variance over masks', 'num_images': ': a variance over images',
+                   'img_size': ': the ResNets downsample by 32'}.get(k, '')
+            p.error(f"--{k.replace('_', '-')} must be at least {low}{why}")
+    if args.fig1_points < 3 or args.fig1_points % 2 == 0:
+        p.error('--fig1-points must be odd and at least 3: the grid must hold w_mean = 0, which the summary reports')
+    if len(set(args.seeds)) < len(args.seeds):
+        p.error('--seeds must be distinct')
+    for k in ('branch_rate', 'head_rate'):
+        if not 0.0 <= getattr(args, k) < 1.0:
+            p.error(f"--{k.replace('_', '-')} must be in [0, 1): a dropout probability")
+    _common.check_output_path(args.out_dir, '--out-dir')
+    if args.part in ('all', 'real'):
+        # the real-network part runs after the figures: a missing input must stop the run before those minutes
+        if args.model == 'keras-resnet50':
+            _common.require_shared('weights', WEIGHTS_NAME)
+        else:
+            _common.check_timm_model(args.model, '--model')
+        test_list = _common.require_shared('data', 'pets370') / 'oxford-iiit-pet' / 'annotations' / 'test.txt'
+        if test_list.is_file():
+            available = sum(1 for line in test_list.read_text().splitlines() if line.strip())
+            if args.num_images > available:
+                p.error(f'--num-images must be at most {available}: the images of the pets370 test split')
     return args
 
 
@@ -657,7 +697,11 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
                                                    args.branch_rate, args.head_rate, args.seed)
         pngs += plot_real_network(payload['real_network'], stem)
     payload['plots'] = [p.name for p in pngs]
-    seeds = sorted(set((args.seeds if args.part != 'real' else []) + ([args.seed] if args.part != 'figures' else [])))
+    # each part's own seeds: the sweeps' seeds and the real network's mask seed are separate draws, so one merged
+    # list (meta) could not say which seed belongs to which part
+    payload['seeds'] = {**({'figures': list(args.seeds)} if args.part != 'real' else {}),
+                        **({'real_network': [args.seed]} if args.part != 'figures' else {})}
+    seeds = sorted({s for part in payload['seeds'].values() for s in part})
     result = _common.write_result(stem.with_suffix('.json'), payload, seeds=seeds, started_at=started,
                                   wall_time_s=time.time() - t0,
                                   command=_common.command_line(argv, script='benchmarks/module_tests.py'))

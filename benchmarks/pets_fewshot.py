@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO_ROOT, command_line, describe_machine, shared_dir, utc_now, write_bench_report,  # noqa: E402
-                     write_result)
+from _common import (REPO_ROOT, check_output_path, command_line, describe_machine, require_shared,  # noqa: E402
+                     utc_now, write_bench_report, write_result)
 
 PROFILES: dict[str, dict[str, Any]] = {
     'cpu': dict(img_size=96, epochs=4, folds=5, seeds=[0], batch_size=32,
@@ -55,6 +55,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     'smoke': dict(img_size=48, epochs=1, folds=2, seeds=[0], batch_size=16, variants=['none', 'recommended']),
 }
 BASELINE = 'none'
+PETS370_PER_BREED = 10  # images of each breed in pets370: the most folds that still give every fold one of each
+UNIT_STRIDE = 1000  # a unit's key is fold * UNIT_STRIDE + seed, so seeds must stay below it
 # the recipe is written out, not taken from TrainConfig's defaults, so that tuning the toolkit's defaults later
 # does not silently change what a committed result measured. fast_data: the committed cpu and cpu-long runs used
 # the cache of that time (centre square of each image), cpu-160 the whole-image cache (commit 135d41f)
@@ -157,7 +159,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
     from finetune.config import TrainConfig
     p = dict(PROFILES[profile])
     variants = list(variants or p['variants'])
-    folds = folds or p['folds']
+    folds = folds if folds is not None else p['folds']
     seeds = list(seeds if seeds is not None else p['seeds'])
     started, t0 = utc_now(), time.time()
     fold_dirs = make_folds(data_dir, work_dir / 'folds', folds)
@@ -184,7 +186,7 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
             for s in seeds:
                 done = work_dir / f'fold_{k}' / 'runs' / name / f'seed_{s}' / 'metrics.json'
                 if done.is_file():
-                    runs.setdefault(name, {})[k * 1000 + s] = json.loads(done.read_text())
+                    runs.setdefault(name, {})[k * UNIT_STRIDE + s] = json.loads(done.read_text())
                 else:
                     missing += 1
     if BASELINE not in runs:
@@ -219,12 +221,15 @@ def run(profile: str, work_dir: Path, out_prefix: Path, data_dir: Path, weights:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Train the grid (or, with ``--report-only``, only summarise it) and write the report; returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--profile', choices=sorted(PROFILES), default='cpu')
     parser.add_argument('--variants', nargs='+', help='override the profile\'s variants (see finetune bench)')
-    parser.add_argument('--folds', type=int)
-    parser.add_argument('--seeds', type=int, nargs='+')
+    parser.add_argument('--folds', type=int,
+                        help=f"override the profile's folds (2..{PETS370_PER_BREED}; smoke 2, the others 5)")
+    parser.add_argument('--seeds', type=int, nargs='+',
+                        help=f"override the profile's seeds (0..{UNIT_STRIDE - 1}; every profile: 0)")
     parser.add_argument('--work-dir', default=None, help='runs and caches (default runs/pets_fewshot_<profile>)')
     parser.add_argument('--jobs', type=int, default=1,
                         help='folds trained at the same time, each in its own process (default 1)')
@@ -234,15 +239,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--out', default=None,
                         help='result prefix (default benchmarks/results/pets_fewshot_<profile>)')
     args = parser.parse_args(argv)
+    from finetune.bench import VARIANTS
     if args.jobs < 1:
         parser.error('--jobs must be >= 1')
-    shared = shared_dir()
-    work = Path(args.work_dir or REPO_ROOT / 'runs' / f'pets_fewshot_{args.profile}')
-    out = Path(args.out or REPO_ROOT / 'benchmarks' / 'results' / f'pets_fewshot_{args.profile}')
+    folds = args.folds if args.folds is not None else PROFILES[args.profile]['folds']
+    if not 2 <= folds <= PETS370_PER_BREED:
+        parser.error(f'--folds must be 2..{PETS370_PER_BREED}: every fold needs training images and a validation '
+                     f'image of each breed, and pets370 has {PETS370_PER_BREED} per breed')
+    if args.seeds is not None and (len(set(args.seeds)) < len(args.seeds)
+                                   or not all(0 <= s < UNIT_STRIDE for s in args.seeds)):
+        parser.error(f'--seeds must be distinct and in 0..{UNIT_STRIDE - 1}: a unit is keyed fold * {UNIT_STRIDE} '
+                     '+ seed')
+    if args.variants is not None:
+        unknown = [v for v in args.variants if v not in VARIANTS]
+        if unknown:
+            parser.error(f"--variants {' '.join(unknown)}: unknown; choose from {', '.join(VARIANTS)}")
+        if BASELINE not in args.variants:
+            parser.error(f'--variants must include {BASELINE!r}: every variant is compared with it')
+    if args.train_fold is not None and not 0 <= args.train_fold < folds:
+        parser.error(f'--train-fold {args.train_fold} is not among the {folds} folds (0..{folds - 1})')
+    work = check_output_path(args.work_dir or REPO_ROOT / 'runs' / f'pets_fewshot_{args.profile}', '--work-dir')
+    out = check_output_path(args.out or REPO_ROOT / 'benchmarks' / 'results' / f'pets_fewshot_{args.profile}',
+                            '--out', prefix=True)
+    data, weights = require_shared('data', 'pets370'), require_shared('weights', 'resnet50_keras_in1k')
     out.parent.mkdir(parents=True, exist_ok=True)
-    run(args.profile, work, out, shared / 'data' / 'pets370', shared / 'weights' / 'resnet50_keras_in1k',
-        args.variants, args.folds, args.seeds, argv, report_only=args.report_only, jobs=args.jobs,
-        train_fold=args.train_fold)
+    run(args.profile, work, out, data, weights, args.variants, args.folds, args.seeds, argv,
+        report_only=args.report_only, jobs=args.jobs, train_fold=args.train_fold)
     return 0
 
 

@@ -56,7 +56,8 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, RandomSampler  # noqa: E402
 
-from _common import RESULTS_DIR, command_line, mean_std, shared_dir, utc_now, write_json_and_markdown  # noqa: E402
+from _common import (RESULTS_DIR, check_output_path, check_timm_model, command_line, mean_std,  # noqa: E402
+                     require_shared, shared_dir, utc_now, write_json_and_markdown)
 from finetune.stats import paired_t_interval  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # resnet50's pretrained_cfg values
@@ -73,7 +74,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     'default': dict(sizes=[(224, 16), (128, 16)], loader_batch=32, loader_repeats=5, epoch_images=370,
                     steps=3, chunks=2, dropfix_size=(128, 16), dropfix_pairs=20,
                     memory_sizes=[(224, 16), (128, 16)], memory_repeats=3, models=['resnet50'], workers=2),
-    # a seconds-long run of every code path (development and tests), not a measurement
+    # every code path once at the smallest sizes (development and tests), not a measurement; it still builds
+    # several resnet50s and starts fresh processes for the memory probes, so it takes about a minute (52 s in the
+    # tests at one thread) to 3 minutes (175 s run as a script) on 2 shared CPU cores
     'smoke': dict(sizes=[(64, 2)], loader_batch=8, loader_repeats=1, epoch_images=16, steps=1, chunks=1,
                   dropfix_size=(64, 2), dropfix_pairs=1, memory_sizes=[(64, 2)], models=['resnet50'], workers=1,
                   device_cache=True),
@@ -958,6 +961,7 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """Run a profile and write ``<out-dir>/throughput_<profile>[-<model>].json`` and ``.md`` (module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     g = parser.add_mutually_exclusive_group()
     g.add_argument('--quick', action='store_true', help='< 3 min on 2 CPU cores')
@@ -973,8 +977,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help="CPU: keep freed memory in the process, as `finetune train` does by default "
                              "(finetune/cpumem.py), for both arms; without it, glibc's defaults as in cv_example")
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--out-dir', default=str(RESULTS_DIR))
+    parser.add_argument('--seed', type=int, default=0, help='seed of the data order, augmentations and timed models (default 0)')
+    parser.add_argument('--out-dir', default=str(RESULTS_DIR), help='output folder (default benchmarks/results)')
     parser.add_argument('--note', default=None, help='free text stored with the results (e.g. machine load)')
     parser.add_argument('--smoke', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--_child', default=None, help=argparse.SUPPRESS)
@@ -984,6 +988,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit('--gpu needs a CUDA device; run --quick or the default profile on CPU')
+    if args.workers is not None and args.workers < 0:
+        parser.error('--workers must be 0 or more')
+    if args.dropfix_compile not in (None, 'none'):
+        if args.dropfix_compile not in torch.compiler.list_backends(exclude_tags=()):
+            parser.error(f"--dropfix-compile {args.dropfix_compile!r} is not a torch.compile backend; give 'none' or "
+                         f"one of {', '.join(torch.compiler.list_backends())}")
+    check_timm_model(args.dropfix_model, '--dropfix-model')
+    check_output_path(args.out_dir, '--out-dir')
+    require_shared('data', 'pets370')  # run() reads it first; checked here so that a bad path stops before any work
     profile = 'quick' if args.quick else 'gpu' if args.gpu else 'smoke' if args.smoke else 'default'
     started, t0 = utc_now(), time.perf_counter()
     result = run(profile, Path(args.out_dir), args.seed, args.workers, args.dropfix_compile, args.dropfix_model,

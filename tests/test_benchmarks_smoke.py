@@ -154,6 +154,9 @@ def test_module_tests_main_figures(tmp_path):
     assert s['fig2_residual_at_0.2'] < s['fig2_residual_at_5'] < 1.0
     md = (tmp_path / 'mt.md').read_text()
     assert 'Fig. 1' in md and '0.87 / 0.94 / 0.996' in md
+    # each part records its own seeds; meta keeps the union of them
+    assert r['seeds'] == {'figures': [0, 1]} and r['meta']['seeds'] == [0, 1]
+    assert 'seeds [0, 1] (Figures 1 and 2)' in md and 'real-network' not in md
 
 
 def test_module_tests_main_real_network_tiny(tmp_path, shared_path):
@@ -173,6 +176,7 @@ def test_module_tests_main_real_network_tiny(tmp_path, shared_path):
     assert none['bn_shifted_count'] == 0 and none['logit_var_over_masks'] == 0.0
     assert (tmp_path / 'mtr_bn_shift.png').stat().st_size > 0 and (tmp_path / 'mtr_logit_var.png').stat().st_size > 0
     assert '| head:before_pool |' in (tmp_path / 'mtr.md').read_text()
+    assert r['seeds'] == {'real_network': [0]} and 'seeds [0] (real-network masks)' in (tmp_path / 'mtr.md').read_text()
 
 
 # ---------------------------------------------------------------- cifar10.py
@@ -379,8 +383,9 @@ def test_compare_grids_pairs_units_and_spots_identical_runs(tmp_path):
     def grid(rec_top1, speed):
         seeds = lambda top1: {str(u): {'top1': t, 'nll': 1.0, 'images_per_second': speed}
                               for u, t in zip((0, 1000, 2000), top1)}
-        return {'meta': {'seeds': [0]}, 'variants': {'none': {'seeds': seeds([0.5, 0.6, 0.7])},
-                                                     'recommended': {'seeds': seeds(rec_top1)}}}
+        return {'meta': {'seeds': [0], 'date_utc': '2026-01-02T03:04:05Z',
+                         'machine': {'processor': 'x86_64', 'cpu_count': 2, 'cuda_device': None, 'torch': '2.x'}},
+                'variants': {'none': {'seeds': seeds([0.5, 0.6, 0.7])}, 'recommended': {'seeds': seeds(rec_top1)}}}
     a, b = tmp_path / 'a.json', tmp_path / 'b.json'
     a.write_text(json.dumps(grid([0.55, 0.65, 0.70], 12.0)))
     b_grid = grid([0.50, 0.60, 0.70], 10.0)
@@ -392,7 +397,18 @@ def test_compare_grids_pairs_units_and_spots_identical_runs(tmp_path):
     rec = r['variants']['recommended']
     assert rec['identical'] is False and rec['units'] == ['0', '1000', '2000']
     assert rec['top1']['mean'] == pytest.approx(0.1 / 3) and rec['images_per_second']['mean'] == pytest.approx(2.0)
-    assert '| recommended | 3 | False | +3.33 [' in (tmp_path / 'cmp.md').read_text()
+    md = (tmp_path / 'cmp.md').read_text()
+    assert '| recommended | 3 | False | +3.33 [' in md
+    # where and when each grid was measured (the comparison itself is computed anywhere)
+    assert f"- fast: `{a}`, dated 2026-01-02T03:04:05Z (UTC), x86_64 (2 cores), torch 2.x" in md
+    assert 'regenerated' not in md
+    # the same comparison again into the same files: it says that it regenerated them, and what they were dated
+    compare_grids.main([str(a), str(b), '--labels', 'fast', 'torch', '--out', str(tmp_path / 'cmp')])
+    again = json.loads((tmp_path / 'cmp.json').read_text())
+    assert again['regenerated'] == {'previous_date_utc': r['meta']['date_utc']}
+    assert again['variants'] == r['variants']
+    assert f"(regenerated from the same source files; the previous version was dated {r['meta']['date_utc']})" in (
+        tmp_path / 'cmp.md').read_text()
     with pytest.raises(SystemExit, match='no such results file'):
         compare_grids.main([str(tmp_path / 'missing.json'), str(b), '--out', str(tmp_path / 'x')])
 
@@ -430,3 +446,165 @@ def test_memory_probe_rounds_report_the_median_and_every_run():
     assert throughput.median_probe(runs) == {'peak_mem': 900, 'saved': 1, 'peak_mem_runs': [900, 850, 1000]}
     assert throughput.median_probe(runs[:2])['peak_mem'] == 850  # even count: the lower middle
     assert throughput.PROFILES['quick']['memory_repeats'] == throughput.PROFILES['default']['memory_repeats'] == 3
+
+
+# ---------------------------------------------------------------- bad input: refused before any work
+
+def _refusal(main, argv, capsys) -> str:
+    """The one-line message with which ``main(argv)`` refuses to start (argparse's on stderr, or the exit's own)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    return f'{e.value.code} {err}'
+
+
+def test_check_output_path_refuses_a_file_where_a_folder_must_go(tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    assert _common.check_output_path(tmp_path / 'new' / 'deeper', '--out-dir') == tmp_path / 'new' / 'deeper'
+    assert _common.check_output_path(tmp_path / 'prefix', '--out', prefix=True) == tmp_path / 'prefix'
+    with pytest.raises(SystemExit, match=r'--out-dir .*file exists and is not a folder'):
+        _common.check_output_path(blocker / 'sub', '--out-dir')
+    with pytest.raises(SystemExit, match='not a folder'):
+        _common.check_output_path(blocker / 'sub' / 'name', '--out', prefix=True)
+    assert not (tmp_path / 'new').exists()  # checked, not created
+
+
+def _every_script(out: Path, work: Path) -> list[tuple]:
+    """(main, argv) of every script, writing to ``out`` (a folder, or a prefix inside it) and ``work``."""
+    return [
+        (cifar10.main, ['--profile', 'cpu-smoke', '--out-dir', str(out)]),
+        (compare_grids.main, ['a.json', 'b.json', '--out', str(out / 'cmp')]),
+        (cpu_allocator.main, ['--out', str(out / 'ca')]),
+        (data_paths.main, ['--profile', 'smoke', '--out', str(out / 'dp'), '--work-dir', str(work)]),
+        (dropout_overhead.main, ['--out-dir', str(out)]),
+        (dropout_speed.main, ['--out', str(out / 'ds')]),
+        (module_tests.main, ['--out-dir', str(out)]),
+        (pets_fewshot.main, ['--profile', 'smoke', '--out', str(out / 'pf'), '--work-dir', str(work)]),
+        (throughput.main, ['--smoke', '--out-dir', str(out)]),
+    ]
+
+
+def test_every_script_checks_its_output_folders_before_measuring(tmp_path, capsys):
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    for main, argv in _every_script(blocker / 'out', tmp_path / 'work'):
+        assert 'not a folder' in _refusal(main, argv, capsys), main.__module__
+    for main, argv in _every_script(tmp_path / 'out', blocker / 'work'):
+        if '--work-dir' in argv:
+            assert '--work-dir' in _refusal(main, argv, capsys), main.__module__
+    assert not (tmp_path / 'work').exists()
+
+
+def test_missing_shared_folder_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('TIMM_DROPFIX_SHARED', str(tmp_path / 'nonexistent'))
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    for main, argv in [
+            (cifar10.main, ['--profile', 'cpu-smoke', '--out-dir', str(out)]),
+            (pets_fewshot.main, ['--profile', 'smoke', '--out', str(out / 'pf'), '--work-dir', str(work)]),
+            (data_paths.main, ['--profile', 'smoke', '--out', str(out / 'dp'), '--work-dir', str(work)]),
+            (module_tests.main, ['--part', 'real', '--out-dir', str(out)]),
+            (throughput.main, ['--smoke', '--out-dir', str(out)])]:
+        assert 'set TIMM_DROPFIX_SHARED' in _refusal(main, argv, capsys), main.__module__
+    # a shared folder without the data set a script needs: named, with the variable to fix
+    (tmp_path / 'empty').mkdir()
+    monkeypatch.setenv('TIMM_DROPFIX_SHARED', str(tmp_path / 'empty'))
+    assert 'data/cifar10/cifar10-jpeg.npz' in _refusal(cifar10.main, ['--profile', 'cpu-smoke', '--out-dir', str(out)],
+                                                       capsys)
+    assert not out.exists() and not work.exists()
+
+
+def test_unknown_names_are_refused_at_parse_time(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert "'bogus_model' is not a timm model" in _refusal(
+        dropout_overhead.main, ['--model', 'bogus_model', '--out-dir', str(out)], capsys)
+    assert "'bogus_model' is not a timm model" in _refusal(
+        module_tests.main, ['--part', 'real', '--model', 'bogus_model', '--out-dir', str(out)], capsys)
+    assert "--dropfix-model 'bogus_model'" in _refusal(
+        throughput.main, ['--quick', '--dropfix-model', 'bogus_model', '--out-dir', str(out)], capsys)
+    assert "--dropfix-compile 'bogus'" in _refusal(
+        throughput.main, ['--quick', '--dropfix-compile', 'bogus', '--out-dir', str(out)], capsys)
+    msg = _refusal(pets_fewshot.main, ['--profile', 'smoke', '--variants', 'none', 'bogus', '--work-dir',
+                                       str(tmp_path / 'work'), '--out', str(out / 'pf')], capsys)
+    assert '--variants bogus: unknown' in msg and 'recommended' in msg
+    assert "must include 'none'" in _refusal(pets_fewshot.main, ['--profile', 'smoke', '--variants', 'recommended'],
+                                             capsys)
+    assert 'not in profile cpu-smoke' in _refusal(cifar10.main, ['--profile', 'cpu-smoke', '--models', 'bogus'],
+                                                  capsys)
+    assert not out.exists() and not (tmp_path / 'work').exists()
+
+
+def test_results_of_another_kind_are_named_with_what_they_lack(tmp_path, capsys):
+    other = tmp_path / 'other.json'
+    other.write_text(json.dumps({'meta': {'seeds': [0]}, 'sizes': []}))
+    grid = tmp_path / 'grid.json'
+    grid.write_text(json.dumps({'variants': {'none': {'seeds': {'0': {'top1': 0.5}}}}}))
+    msg = _refusal(compare_grids.main, [str(grid), str(other), '--out', str(tmp_path / 'cmp')], capsys)
+    assert f'{other}: not a grid result' in msg and "'variants'" in msg
+    (tmp_path / 'bad.json').write_text('{not json')
+    assert 'cannot read it as JSON' in _refusal(
+        compare_grids.main, [str(grid), str(tmp_path / 'bad.json'), '--out', str(tmp_path / 'cmp')], capsys)
+    msg = _refusal(cifar10.main, ['--merge', str(other), str(other), '--out-dir', str(tmp_path)], capsys)
+    assert f'{other} is not a cifar10.py result' in msg and 'settings' in msg and 'runs' in msg
+    assert not list(tmp_path.glob('cmp*')) and not list(tmp_path.glob('cifar10_*'))
+
+
+@pytest.mark.parametrize('main, argv, expected', [
+    (pets_fewshot.main, ['--profile', 'smoke', '--folds', '0'], '--folds must be 2..10'),
+    (pets_fewshot.main, ['--profile', 'smoke', '--folds', '11'], '--folds must be 2..10'),
+    (pets_fewshot.main, ['--profile', 'smoke', '--seeds', '0', '1000'], '--seeds must be distinct and in 0..999'),
+    (pets_fewshot.main, ['--profile', 'smoke', '--seeds', '1', '1'], '--seeds must be distinct'),
+    (data_paths.main, ['--profile', 'smoke', '--threads', '0'], '--threads must be >= 1'),
+    (data_paths.main, ['--profile', 'smoke', '--seeds', '3', '3'], '--seeds must be distinct'),
+    (dropout_overhead.main, ['--batch', '1'], '--batch must be at least 2: training BatchNorm'),
+    (dropout_overhead.main, ['--size', '16'], '--size must be at least 32'),
+    (cpu_allocator.main, ['--batch', '1'], '--batch must be at least 2: training BatchNorm'),
+    (cpu_allocator.main, ['--warmup', '-1'], '--warmup at least 0'),
+    (dropout_speed.main, ['--repeats', '0'], '--repeats must be at least 2'),
+    (dropout_speed.main, ['--repeats', '1'], '--repeats must be at least 2'),
+    (cifar10.main, ['--profile', 'cpu-smoke', '--epochs', '0'], '--epochs must be at least 1'),
+    (cifar10.main, ['--profile', 'cpu-smoke', '--train-subset', '129'], 'leaves a batch of one image'),
+    (cifar10.main, ['--profile', 'cpu-smoke', '--train-subset', '1'], 'leaves a batch of one image'),
+    (cifar10.main, ['--profile', 'cpu-smoke', '--seeds', '0', '0'], '--seeds must be distinct'),
+    (cifar10.main, ['--profile', 'cpu-smoke', '--head-rate', '1'], '--head-rate must be in [0, 1)'),
+    (cifar10.main, ['--profile', 'gpu', '--time-budget-s', '0'], '--time-budget-s must be more than 0'),
+    (cifar10.main, ['--profile', 'cpu-smoke', '--device', 'bogus'], "--device 'bogus' is not a torch device"),
+    (module_tests.main, ['--part', 'figures', '--num-masks', '1'], '--num-masks must be at least 2'),
+    (module_tests.main, ['--part', 'figures', '--fig1-points', '4'], '--fig1-points must be odd'),
+    (module_tests.main, ['--part', 'figures', '--n', '1'], '--n must be at least 2'),
+    (module_tests.main, ['--part', 'figures', '--branch-rate', '-0.1'], '--branch-rate must be in [0, 1)'),
+    (throughput.main, ['--quick', '--workers', '-1'], '--workers must be 0 or more'),
+])
+def test_bad_counts_are_refused_before_any_work(main, argv, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may appear in the working folder either
+    assert expected in _refusal(main, argv, capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_pets_fewshot_run_takes_the_folds_it_is_given(tmp_path, monkeypatch):
+    """``folds=0`` used to fall back to the profile's folds (``0 or p['folds']``); now only ``None`` does."""
+    asked = []
+
+    def make_folds(data_dir, work_dir, folds):
+        asked.append(folds)
+        raise RuntimeError('stop before training')
+    monkeypatch.setattr(pets_fewshot, 'make_folds', make_folds)
+    for folds in (0, None):
+        with pytest.raises(RuntimeError, match='stop before training'):
+            pets_fewshot.run('smoke', tmp_path / 'w', tmp_path / 'o', tmp_path, tmp_path, folds=folds)
+    assert asked == [0, pets_fewshot.PROFILES['smoke']['folds']]
+
+
+def test_gpu_session_prints_its_usage_instead_of_running(tmp_path):
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_session.sh'
+    env = {'PATH': '/usr/bin:/bin', 'OUT': str(tmp_path / 'out')}
+    for flag in ('-h', '--help'):
+        done = subprocess.run(['bash', str(script), flag], capture_output=True, text=True, env=env, timeout=30)
+        assert done.returncode == 0 and done.stdout.startswith('Everything this project measures on a lent GPU')
+        assert 'bash benchmarks/gpu_session.sh' in done.stdout and 'set -uo' not in done.stdout
+    done = subprocess.run(['bash', str(script), '--gpu'], capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 2 and "unknown argument '--gpu'" in done.stderr and 'Everything' in done.stderr
+    assert not (tmp_path / 'out').exists()
