@@ -277,6 +277,7 @@ def test_a_train_mode_trace_records_torch_dropout_and_stays_random(name):
     assert not torch.equal(seeded(torch.ones(64)), seeded(torch.ones(64)))
 
 
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')  # torch's forward-AD dropout
 def test_forward_mode_ad_gets_torch_dropout():
     import torch.autograd.forward_ad as fwAD
     with fwAD.dual_level():
