@@ -17,6 +17,7 @@ Example:
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -37,7 +38,7 @@ RESULT_ENV = ('TIMM_DROPFIX_FAST_DROPOUT',)
 __all__ = [
     'REPO_ROOT', 'RESULTS_DIR', 'shared_dir', 'machine_info', 'command_line', 'utc_now', 'write_json',
     'write_result', 'write_json_and_markdown', 'mean_std', 'student_t_ppf', 'paired_t_interval', 'fmt_pm',
-    'describe_machine', 'require_shared', 'check_output_path', 'check_timm_model',
+    'describe_machine', 'require_shared', 'check_output_path', 'check_step_size', 'check_timm_model',
 ]
 
 
@@ -103,6 +104,20 @@ def check_output_path(path: str | os.PathLike, option: str, *, prefix: bool = Fa
     if not os.access(probe, os.W_OK | os.X_OK):
         raise SystemExit(f'{option} {path}: cannot write in {probe} (no permission); give a writable location')
     return path
+
+
+def check_step_size(parser: argparse.ArgumentParser, size: int, batch: int) -> None:
+    """``parser.error`` unless a ResNet training step at ``--size`` and ``--batch`` can run.
+
+    Example:
+        >>> check_step_size(argparse.ArgumentParser(), 128, 16)
+    """
+    if size < 32:
+        parser.error('--size must be at least 32: the ResNets downsample by 32')
+    if batch < 2:
+        # below 64 px resnet50's last feature map is 1x1, and one image fails there after the model is built
+        parser.error('--batch must be at least 2: training BatchNorm needs the statistics of more than one image '
+                     '(one image at small sizes leaves it one value per channel, and training fails)')
 
 
 def check_timm_model(name: str, option: str) -> str:

@@ -29,8 +29,8 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import (RESULTS_DIR, check_output_path, command_line, describe_machine, utc_now,  # noqa: E402
-                     write_json_and_markdown)
+from _common import (RESULTS_DIR, check_output_path, check_step_size, command_line, describe_machine,  # noqa: E402
+                     utc_now, write_json_and_markdown)
 from finetune.stats import paired_t_interval  # noqa: E402
 
 
@@ -147,12 +147,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     if args.pairs < 1 or args.warmup < 0 or args.steps <= args.warmup:
         parser.error('--pairs must be at least 1, --warmup at least 0 and --steps more than --warmup')
-    if args.size < 32:
-        parser.error('--size must be at least 32: resnet50 downsamples by 32')
-    if args.batch < 2:
-        # below 64 px resnet50's last feature map is 1x1, and one image fails there after the model is built
-        parser.error('--batch must be at least 2: training BatchNorm needs the statistics of more than one image '
-                     '(one image at small sizes leaves it one value per channel, and training fails)')
+    check_step_size(parser, args.size, args.batch)
     check_output_path(args.out, '--out', prefix=True)
     started, t0 = utc_now(), time.perf_counter()
     result: dict[str, Any] = {'allocator': measure(args.pairs, args.steps, args.warmup, args.size, args.batch,

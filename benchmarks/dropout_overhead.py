@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from _common import (RESULTS_DIR, check_output_path, check_timm_model, command_line, describe_machine,  # noqa: E402
-                     utc_now, write_json_and_markdown)
+from _common import (RESULTS_DIR, check_output_path, check_step_size, check_timm_model, command_line,  # noqa: E402
+                     describe_machine, utc_now, write_json_and_markdown)
 from finetune.stats import median_interval  # noqa: E402
 
 TARGET = 0.03  # issue 5: the placement costs at most 3 % step time
@@ -150,12 +150,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 6:
         parser.error('--rounds must be at least 6 (fewer cannot give a 95 % interval for the median)')
-    if args.size < 32:
-        parser.error('--size must be at least 32: the ResNets downsample by 32')
-    if args.batch < 2:
-        # below 64 px resnet50's last feature map is 1x1, and one image fails there after the models are built
-        parser.error('--batch must be at least 2: training BatchNorm needs the statistics of more than one image '
-                     '(one image at small sizes leaves it one value per channel, and training fails)')
+    check_step_size(parser, args.size, args.batch)
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda needs a CUDA device; run on cpu')
     check_timm_model(args.model, '--model')
