@@ -223,6 +223,7 @@ def run_bench(base: TrainConfig, variants: Sequence[str], seeds: Sequence[int], 
     if not seeds:
         raise FinetuneError('--seeds needs at least one seed')
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
     from .modeling import build_model
     from .train import check_options, train
     # every variant's options and rewrite are checked before the first run, not when its turn comes hours later
@@ -237,7 +238,9 @@ def run_bench(base: TrainConfig, variants: Sequence[str], seeds: Sequence[int], 
                                              cache_dir=base.cache_dir or str(out / 'cache'))
                   for name in variants for seed in seeds}
     _check_earlier_runs(out, run_config)
-    state = PartialState()
+    # as AcceleratorState does: without cpu=True a CPU launch (ACCELERATE_USE_CPU) would make this first state a
+    # 1-process one, which every later Accelerator inherits, so each rank would train every run on its own
+    state = PartialState(cpu=parse_flag_from_env('ACCELERATE_USE_CPU'))
     runs: dict[str, dict[int, dict]] = {}
     for name in variants:
         for seed in seeds:

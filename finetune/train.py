@@ -340,12 +340,23 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
         raise FinetuneError(f'{source}: fp16 autocast needs a CUDA GPU, and this run has none (accelerate would '
                             f'silently train in fp32). Use --mixed-precision bf16 (autocast works on CPUs) or '
                             f'--mixed-precision no.')
+    world = int(os.environ.get('WORLD_SIZE', accelerator.num_processes))
+    if world != accelerator.num_processes:
+        # unconnected processes would each train the whole run into the same folder
+        raise FinetuneError(f'WORLD_SIZE is {world} but accelerate runs this process alone: the processes are not '
+                            f'connected. On CPUs start them with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu '
+                            f'--num_processes {world} ...` (or mpirun); on GPUs check that every process sees CUDA.')
     main = accelerator.is_main_process
-    # what `accelerate launch` or the accelerate config chose where the options left it open, so that config.json,
-    # the checkpoints' resume check and the model card record what ran
+    if accelerator.gradient_accumulation_steps != cfg.grad_accum and main:
+        _logger.warning('gradient accumulation: %d steps from accelerate (ACCELERATE_GRADIENT_ACCUMULATION_STEPS) '
+                        'instead of --grad-accum %d; the schedule and config.json follow what runs',
+                        accelerator.gradient_accumulation_steps, cfg.grad_accum)
+    # what `accelerate launch`, its environment or the accelerate config chose where the options left it open, so
+    # that config.json, the schedule, the checkpoints' resume check and the model card record what ran
     backend = accelerator.state.dynamo_plugin.backend
     cfg = dataclasses.replace(cfg, mixed_precision=accelerator.mixed_precision,
-                              dynamo_backend=None if backend == DynamoBackend.NO else backend.value.lower())
+                              dynamo_backend=None if backend == DynamoBackend.NO else backend.value.lower(),
+                              grad_accum=accelerator.gradient_accumulation_steps)
     set_seed(cfg.seed)
     kept_freed_memory = cfg.keep_freed_memory and accelerator.device.type == 'cpu' and keep_freed_memory()
 
@@ -376,6 +387,12 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
     if ckpt is not None:
         saved = read_trainer_state(ckpt)
         check_same_model(saved['signature'], json.loads(json.dumps(signature)), ckpt)
+        saved_processes = saved.get('num_processes')  # recorded since this check exists
+        if saved_processes is not None and saved_processes != accelerator.num_processes:
+            raise FinetuneError(f'--resume: {ckpt} was trained by {saved_processes} process(es), this run has '
+                                f'{accelerator.num_processes}: the batches per epoch and the learning-rate schedule '
+                                f'depend on it. Resume with {saved_processes} (accelerate launch --num_processes '
+                                f'{saved_processes}), or start a new run in another --output-dir.')
         saved_schedule = scheduler_state(ckpt, saved)
         old_cfg = saved.get('config', {})
         changed = sorted(k for k, v in cfg.to_dict().items()
@@ -493,6 +510,7 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
             save_checkpoint(accelerator, out, epoch, dict(epoch=epoch, global_step=global_step, history=history,
                                                           signature=signature, config=cfg.to_dict(),
+                                                          num_processes=accelerator.num_processes,
                                                           scheduler=scheduler.state_dict()),
                             keep=cfg.keep_checkpoints)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
