@@ -13,9 +13,31 @@ import argparse
 import logging
 import os
 import sys
+from typing import Sequence
 
 from .config import add_train_args, config_from_args
 from .errors import FinetuneError
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that reports unknown options itself, with its own usage.
+
+    argparse's subparsers hand unrecognised arguments back to the top-level parser (``parse_known_args``), whose
+    error then shows ``python -m finetune`` usage instead of the subcommand's; erroring here keeps the usage of the
+    command that was run. The subcommands take no arguments meant for the top-level parser, so nothing is lost.
+
+    Example:
+        >>> p = _SubcommandParser(prog='python -m finetune eval', exit_on_error=False)
+        >>> p.parse_known_args([])
+        (Namespace(), [])
+    """
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the docstring's first line is reStructuredText; --help shows it as plain text
     parser = argparse.ArgumentParser(prog='python -m finetune', description=__doc__.split('\n')[0].replace('``', ''),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
+    sub = parser.add_subparsers(dest='command', required=True, parser_class=_SubcommandParser)
 
     p = sub.add_parser('train', help='fine-tune one model')
     add_train_args(p)
@@ -44,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, default=64, help='per process')
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--output', default=None, help='also write the metrics to this JSON file')
+    p.add_argument('--limit-eval', type=int, default=None, metavar='N',
+                   help='evaluate only the N images `finetune train --limit-eval N` evaluated (default: all)')
 
     p = sub.add_parser('push', help='upload a model folder to the Hugging Face Hub in one commit')
     p.add_argument('folder', help='the model/ folder written by `finetune train`')
@@ -74,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == 'eval':
             from .evaluate import evaluate_folder
             evaluate_folder(args.folder, args.data_dir, dataset=args.dataset, batch_size=args.batch_size,
-                            workers=args.workers, output=args.output)
+                            workers=args.workers, output=args.output, limit_eval=args.limit_eval)
         elif args.command == 'push':
             from .hub import push
             push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run,

@@ -98,13 +98,20 @@ def _image_folder(root: Path) -> tuple[list[Sample], list[str]]:
     return [(p, int(y)) for p, y in folder.samples], list(folder.classes)
 
 
-def eval_samples(dataset: str, data_dir: str | Path) -> tuple[list[Sample], list[str], list[str]]:
+def eval_samples(dataset: str, data_dir: str | Path,
+                 limit: int | None = None) -> tuple[list[Sample], list[str], list[str]]:
     """The readable eval split alone (pets: test; imagefolder: ``DIR/val``), its classes and the unreadable paths.
+
+    ``limit`` picks the same images as ``load_samples(..., limit_eval=limit)``: the first ``limit`` samples
+    (:func:`limit_samples`) and then the readable ones among them, so an unreadable image inside the limit leaves
+    fewer than ``limit``, exactly as in the training run.
 
     Example:
         >>> samples, classes, skipped = eval_samples('pets', '../shared/data/pets370')   # doctest: +SKIP
         >>> len(samples), len(classes)                                                   # doctest: +SKIP
         (185, 37)
+        >>> len(eval_samples('pets', '../shared/data/pets370', limit=37)[0])            # doctest: +SKIP
+        37
     """
     if dataset == 'pets':
         samples, classes = pets_samples(data_dir, 'test', False, can_download=False)
@@ -115,7 +122,8 @@ def eval_samples(dataset: str, data_dir: str | Path) -> tuple[list[Sample], list
         samples, classes = _image_folder(root)
     else:
         raise FinetuneError(f"unknown --dataset {dataset!r}: use 'pets' or 'imagefolder'")
-    samples, skipped = check_images(samples)
+    # limit first, then drop unreadable images: load_samples' order, so eval selects train's eval images
+    samples, skipped = check_images(limit_samples(samples, limit))
     if not samples:
         raise FinetuneError(f'no readable eval images in {data_dir} ({len(skipped)} unreadable)')
     return samples, classes, skipped

@@ -152,20 +152,29 @@ def plot_confusion_matrix(logits: torch.Tensor, targets: torch.Tensor, classes: 
 
 
 def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 'pets', batch_size: int = 64,
-                    workers: int = 2, output: str | Path | None = None) -> dict:
+                    workers: int = 2, output: str | Path | None = None, limit_eval: int | None = None) -> dict:
     """Evaluate a saved model folder on a dataset's eval split the way a user of timm would, and return the metrics.
 
     The model is loaded with ``timm.create_model('local-dir:...', pretrained=True)`` (dropfix architectures
     included) and fed through timm's own eval transform for its pretrained_cfg (PIL, per image), so the numbers
     check what ``finetune train`` reported with nothing of the toolkit's data path in between. Runs under
     ``accelerate launch`` on any number of processes (every image counted once). ``output``: also write the
-    metrics there as JSON.
+    metrics there as JSON. ``limit_eval``: evaluate only the images ``finetune train --limit-eval N`` evaluated
+    (same selection, see :func:`finetune.data.eval_samples`), so its reported top-1 can be checked; the metrics
+    record it (None: every image).
 
     Example:
         >>> m = evaluate_folder('runs/pets/model', '../shared/data/pets370')   # doctest: +SKIP
         >>> sorted(m)                                                         # doctest: +SKIP
-        ['ece', 'mean_class_acc', 'model_dir', 'n', 'n_skipped', 'nll', 'skipped', 'top1', 'top5']
+        ['ece', 'limit_eval', 'mean_class_acc', 'model_dir', 'n', 'n_skipped', 'nll', 'skipped', 'top1', 'top5']
+        >>> evaluate_folder('runs/pets/model', '../shared/data/pets370', limit_eval=37)['n']   # doctest: +SKIP
+        37
     """
+    from .errors import FinetuneError
+
+    # before the heavy imports and any file is read: a bad value fails at once
+    if limit_eval is not None and limit_eval < 1:
+        raise FinetuneError(f'--limit-eval {limit_eval}: must be 1 or more, or leave it out to use every image')
     import timm
     from accelerate import Accelerator
     from timm.data import create_transform, resolve_data_config
@@ -173,7 +182,6 @@ def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 
     import timm_dropfix  # noqa: F401  (registers the *_dropfix architectures a folder may name)
 
     from .data import ImageListDataset, eval_samples
-    from .errors import FinetuneError
     from .hub import check_model_folder
 
     folder = check_model_folder(model_dir)
@@ -181,7 +189,7 @@ def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 
         raise FinetuneError(f'--batch-size {batch_size}: must be 1 or more')
     if workers < 0:
         raise FinetuneError(f'--workers {workers}: must be 0 or more (0 loads the data in the main process)')
-    samples, classes, skipped = eval_samples(dataset, data_dir)
+    samples, classes, skipped = eval_samples(dataset, data_dir, limit=limit_eval)
     label_names = json.loads((folder / 'config.json').read_text()).get('label_names')
     if label_names is not None and list(label_names) != list(classes):
         raise FinetuneError(f'{folder} was trained on the classes {label_names[:5]}... ({len(label_names)}), but '
@@ -200,7 +208,7 @@ def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 
     model, loader = accelerator.prepare(model, loader)
     logits, targets = predict(model, loader, accelerator)
     metrics = dict(classification_metrics(logits, targets, len(classes)), model_dir=str(folder),
-                   n_skipped=len(skipped), skipped=skipped)
+                   limit_eval=limit_eval, n_skipped=len(skipped), skipped=skipped)
     if accelerator.is_main_process:
         unreadable = f', {len(skipped)} unreadable skipped' if skipped else ''
         accelerator.print(f"{folder}: {format_metrics(metrics)}  ({metrics['n']} images{unreadable})")

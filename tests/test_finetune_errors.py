@@ -270,6 +270,23 @@ def test_dropout_placement_logged_once_and_only_after_a_rewrite(tiny_pets, tmp_p
         assert lines == []
 
 
+def test_eval_bad_limit_fails_before_anything_runs(tmp_path, capsys):
+    """Checked first: neither the (missing) model folder nor the (missing) data is looked at."""
+    code = main(['eval', str(tmp_path / 'no_model'), '--data-dir', str(tmp_path / 'no_data'), '--limit-eval', '0'])
+    err = capsys.readouterr().err
+    assert code == 2 and '--limit-eval 0: must be 1 or more, or leave it out to use every image' in err
+
+
+@pytest.mark.parametrize('command', [['eval', 'folder', '--data-dir', 'data'], ['push', 'folder', '--repo-id', 'a/b'],
+                                     ['train']], ids=['eval', 'push', 'train'])
+def test_unknown_option_shows_the_subcommand_usage(capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        main([*command, '--no-such-option'])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and 'unrecognized arguments: --no-such-option' in err
+    assert err.startswith(f'usage: python -m finetune {command[0]} ') and f'python -m finetune {command[0]}: error' in err
+
+
 def test_help_is_plain_text_and_describes_the_rates(capsys):
     from finetune.__main__ import build_parser
     assert '``' not in build_parser().format_help()

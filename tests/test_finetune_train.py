@@ -122,6 +122,31 @@ def test_eval_command_reproduces_the_reported_metrics(rewritten_run, tiny_pets, 
     assert 'lacks config.json, model.safetensors' in capsys.readouterr().err
 
 
+def test_eval_limit_reproduces_a_limited_training_run(tiny_pets, tmp_path, capsys):
+    """`finetune eval --limit-eval N` evaluates the images `finetune train --limit-eval N` did: the same top-1 and n.
+
+    train limits the eval split first and then drops unreadable images, so an unreadable image inside the limit
+    leaves N - 1; one outside it is never looked at. Checking first and limiting after would give N images.
+    """
+    from finetune.__main__ import main
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_pets, data)
+    images = data / 'oxford-iiit-pet' / 'images'
+    # test images are <breed>_9.._12; round-robin over classes, the first 5 are the four *_9 and Abyssinian_10
+    (images / 'Bengal_9.jpg').write_bytes(b'this is not a jpeg')   # inside the limit
+    (images / 'pug_12.jpg').write_bytes(b'this is not a jpeg')     # outside it
+    # one optimizer step is enough: only the evaluated images matter here
+    saved = train(tiny_cfg(data, tmp_path / 'run', epochs=1, limit_train=8, limit_eval=5, log_with='none'))
+    assert saved['n_eval'] == 4
+    out = tmp_path / 'eval.json'
+    assert main(['eval', str(tmp_path / 'run' / 'model'), '--data-dir', str(data), '--workers', '0',
+                 '--limit-eval', '5', '--output', str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert (m['top1'], m['n']) == (saved['top1'], saved['n_eval'])
+    assert m['limit_eval'] == 5 and [Path(p).name for p in m['skipped']] == ['Bengal_9.jpg']
+    assert f"top1 {saved['top1']:.4f}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize('older_checkpoint', [False, True], ids=['schedule_in_trainer_state', 'older_checkpoint'])
 def test_resume_continues_exactly(rewritten_run, tiny_pets, tmp_path, older_checkpoint):
     """Weights, optimizer, learning-rate schedule and RNG come back exactly; no pickle is written (accelerate
