@@ -101,6 +101,12 @@ def _relu_backward_kernel(g_ptr, y_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.where(y <= 0, 0.0, g * scale).to(out_ptr.dtype.element_ty), mask=inside)
 
 
+def _mask_args(seed: int, t: int) -> tuple[int, int, int]:
+    """The seed's 62 low bits as two non-negative int32s and the threshold shifted to a signed int32: always the same
+    argument types, so no recompilation, and the same words for the forward and the backward kernels."""
+    return seed & _MASK31, (seed >> 31) & _MASK31, t - (1 << 31)
+
+
 def _launch(kernel, n: int, *args, **meta) -> None:
     """One program per ``BLOCK`` of ``n`` elements, on the first argument's device."""
     if n == 0:  # an empty grid is not a launch triton accepts
@@ -128,7 +134,7 @@ def add_relu_backward_into(grad_shortcut: torch.Tensor, grad_branch: torch.Tenso
         True
     """
     _launch(_add_relu_backward_kernel, grad.numel(), grad, out, grad_shortcut, grad_branch, grad.numel(),
-            seed & _MASK31, (seed >> 31) & _MASK31, t - (1 << 31), scale)
+            *_mask_args(seed, t), scale)
 
 
 def relu_backward_into(grad_x: torch.Tensor, grad: torch.Tensor, out: torch.Tensor, scale: float) -> None:
@@ -161,6 +167,5 @@ def dropout_into(out: torch.Tensor, x: torch.Tensor, seed: int, t: int, scale: f
         True
     """
     n = x.numel()
-    # the seed's 62 low bits as two non-negative int32s: always the same argument types, so no recompilation
-    _launch(_dropout_kernel, n, x, x if add is None else add, out, n, seed & _MASK31, (seed >> 31) & _MASK31,
-            t - (1 << 31), scale, HAS_ADD=add is not None, RELU=relu)
+    _launch(_dropout_kernel, n, x, x if add is None else add, out, n, *_mask_args(seed, t), scale,
+            HAS_ADD=add is not None, RELU=relu)

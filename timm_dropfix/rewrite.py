@@ -169,12 +169,16 @@ def _unknown_blocks(model: nn.Module) -> str:
     return f' (its blocks: {", ".join(kinds)})' if kinds else ''
 
 
-def _built_head_rate(net: nn.Module, kind: Optional[str]) -> float:
-    if kind == 'classifier_head':
+def _head_drop_rate(net: nn.Module) -> float:
+    """The rate of the head dropout ``net`` runs now: a ResNetV2 head's ``drop``, a dropfix head's ``head_drop``
+    (0 before rewrite has set it), timm ResNet's own ``drop_rate``; a torchvision ResNet has none of its own."""
+    if isinstance(net, ResNetV2) and isinstance(net.head, ClassifierHead):
         return _rate_of(net.head.drop)
-    if kind == 'timm_resnet':
-        return float(getattr(net, 'drop_rate', 0.0))
-    return _rate_of(getattr(net, 'head_drop', None))  # a torchvision ResNet has no head dropout of its own
+    if isinstance(net, HeadDropMixin):
+        return _rate_of(getattr(net, 'head_drop', None))
+    if isinstance(net, ResNet):
+        return float(net.drop_rate)
+    return 0.0
 
 
 def _rewrite_head(model: nn.Module, kind: Optional[str], rate: float, position: str) -> None:
@@ -262,14 +266,13 @@ def rewrite(
         _logger.warning('%s: no classifier head that timm_dropfix knows; only the residual branches were changed.',
                         type(model).__name__)
     for name, net in nets:
-        kind = _head_kind(net)
-        old_rate = _built_head_rate(net, kind)
+        old_rate = _head_drop_rate(net)
         if dropfix_config(model) is None and head_position != 'none' and 0 < old_rate != head_drop_rate:
             # the model was built with a head dropout of its own (timm's drop_rate): say that its rate changes
             _logger.warning('%s: its head dropout p=%g (after the pool) is replaced by head_drop_rate=%g at %s; pass '
                             'head_drop_rate=%g to keep its rate', type(net).__name__, old_rate, head_drop_rate,
                             head_position, old_rate)
-        _rewrite_head(net, kind, head_drop_rate, head_position)
+        _rewrite_head(net, _head_kind(net), head_drop_rate, head_position)
         if name:
             _logger.warning("%s: rewrote the head of its '%s' (%s); the head dropout runs only where %s's forward "
                             'calls that forward or forward_head', type(model).__name__, name, type(net).__name__,
@@ -310,7 +313,7 @@ def summarize(model: nn.Module) -> DropfixSummary:
     net = (_nets(model) or [('', model)])[0][1]  # a wrapper's backbone holds the head
     if isinstance(net, ResNetV2) and isinstance(net.head, ClassifierHead):
         summary.head = type(net.head).__name__
-        summary.head_drop_rate = _rate_of(net.head.drop)
+        summary.head_drop_rate = _head_drop_rate(net)
         before = isinstance(net.head, PrePoolDropoutHead)
         channel = isinstance(net.head.drop, nn.Dropout2d)
         summary.head_position = ('none' if summary.head_drop_rate == 0 else
@@ -319,12 +322,12 @@ def summarize(model: nn.Module) -> DropfixSummary:
     elif isinstance(net, HeadDropMixin):
         method = 'forward_head' if isinstance(net, ResNet) else '_forward_impl'
         summary.head = f'{type(net).__name__}.{method}'
-        summary.head_drop_rate = _rate_of(net.head_drop)
+        summary.head_drop_rate = _head_drop_rate(net)
         channel = isinstance(net.head_drop, nn.Dropout2d)
         summary.head_position = 'before_pool_channel' if channel else net.head_drop_at
     elif isinstance(net, ResNet):
         summary.head = 'ResNet.forward_head'
-        summary.head_drop_rate = float(net.drop_rate)
+        summary.head_drop_rate = _head_drop_rate(net)
         summary.head_position = 'after_pool' if net.drop_rate else 'none'
     elif isinstance(net, TvResNet):
         summary.head = 'ResNet._forward_impl'
