@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import resume_or_restart, write_text_atomic
-from .config import TrainConfig
+from .config import TrainConfig, changed_options
 from .errors import FinetuneError
 from .stats import mean_std, paired_t_interval
 
@@ -66,13 +66,8 @@ def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple
         >>> changed_settings({'epochs': 1, 'workers': 4, 'lr': 1e-3}, TrainConfig(epochs=2, workers=0))
         {'epochs': (1, 2)}
     """
-    diff = {}
-    for name, now in cfg.to_dict().items():
-        if name in _RESULT_NEUTRAL or name not in saved or (name in _RESOLVED_BY_ACCELERATE and now is None):
-            continue
-        if saved[name] != now:
-            diff[name] = (saved[name], now)
-    return diff
+    left_to_accelerate = {k for k in _RESOLVED_BY_ACCELERATE if getattr(cfg, k) is None}
+    return changed_options(saved, cfg, _RESULT_NEUTRAL | left_to_accelerate)
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     """Per-seed ``a - b`` on the seeds both have, its mean, and a 95% t-interval.

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Collection
 
 # Positions are re-validated by timm_dropfix.rewrite; listed here so --help shows them without importing torch.
 BRANCH_POSITIONS = ('none', 'recommended', 'branch_start', 'after_conv1', 'after_conv2', 'after_conv3',
@@ -254,6 +254,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help='save a checkpoint every N epochs (the last epoch always; a resume redoes the epochs since)')
     g.add_argument('--base-model', default=None, help='Hub id of the starting weights (model card base_model)')
     g.add_argument('--license', default=None, help='license for the model card (default: that of the weights)')
+
+
+def changed_options(saved: dict[str, Any], cfg: TrainConfig,
+                    ignore: Collection[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """The options of ``cfg`` whose values differ from a run's saved ``config.json`` (``saved``), as
+    ``{name: (saved, now)}``. Those in ``ignore``, and those the saved file lacks (an older version), are not compared.
+
+    Example:
+        >>> saved = {'epochs': 1, 'workers': 4, 'lr': 1e-3}
+        >>> changed_options(saved, TrainConfig(epochs=2, workers=0), ignore={'workers'})
+        {'epochs': (1, 2)}
+    """
+    return {name: (saved[name], now) for name, now in cfg.to_dict().items()
+            if name not in ignore and name in saved and saved[name] != now}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

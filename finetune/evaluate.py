@@ -170,11 +170,12 @@ def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 
         >>> evaluate_folder('runs/pets/model', '../shared/data/pets370', limit_eval=37)['n']   # doctest: +SKIP
         37
     """
+    from .config import TrainConfig
     from .errors import FinetuneError
+    from .train import check_options
 
-    # before the heavy imports and any file is read: a bad value fails at once
-    if limit_eval is not None and limit_eval < 1:
-        raise FinetuneError(f'--limit-eval {limit_eval}: must be 1 or more, or leave it out to use every image')
+    # train's own checks of these options (and messages), before any file is read
+    check_options(TrainConfig(batch_size=batch_size, workers=workers, limit_eval=limit_eval))
     import timm
     from accelerate import Accelerator
     from timm.data import create_transform, resolve_data_config
@@ -185,10 +186,6 @@ def evaluate_folder(model_dir: str | Path, data_dir: str | Path, dataset: str = 
     from .hub import check_model_folder
 
     folder = check_model_folder(model_dir)
-    if batch_size < 1:
-        raise FinetuneError(f'--batch-size {batch_size}: must be 1 or more')
-    if workers < 0:
-        raise FinetuneError(f'--workers {workers}: must be 0 or more (0 loads the data in the main process)')
     samples, classes, skipped = eval_samples(dataset, data_dir, limit=limit_eval)
     label_names = json.loads((folder / 'config.json').read_text()).get('label_names')
     if label_names is not None and list(label_names) != list(classes):

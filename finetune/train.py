@@ -42,7 +42,7 @@ from . import data as data_lib
 from .card import EVAL_METRICS, TRAINING_CONFIG, render_card
 from .checkpoint import (check_same_model, find_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint,
                          scheduler_state, write_text_atomic)
-from .config import TrainConfig
+from .config import TrainConfig, changed_options
 from .cpumem import keep_freed_memory
 from .errors import FinetuneError
 from .evaluate import classification_metrics, format_metrics, plot_confusion_matrix, predict
@@ -291,6 +291,8 @@ def interrupted_message(cfg: TrainConfig) -> str:
     return f'interrupted before anything was written to {out}: rerun the same command to start the run'
 
 
+# options a resumed run may change without a warning: where files go and how fast, not what it computes
+_RESUME_NEUTRAL = ('resume', 'output_dir', 'workers', 'log_with', 'keep_freed_memory')
 # options whose values --resume takes from the checkpoint's optimizer state, not from the command line
 _RESTORED_OPTIONS = ('optimizer', 'lr', 'backbone_lr_mult', 'weight_decay', 'momentum')
 
@@ -395,9 +397,7 @@ def _train(cfg: TrainConfig, stop_after_epoch: int | None) -> dict[str, Any]:
                                 f'{saved_processes}), or start a new run in another --output-dir.')
         saved_schedule = scheduler_state(ckpt, saved)
         old_cfg = saved.get('config', {})
-        changed = sorted(k for k, v in cfg.to_dict().items()
-                         if k not in ('resume', 'output_dir', 'workers', 'log_with', 'keep_freed_memory')
-                         and old_cfg.get(k, v) != v)
+        changed = sorted(changed_options(old_cfg, cfg, ignore=_RESUME_NEUTRAL))
         if 'mixed_precision' in changed:
             raise FinetuneError(f"--resume: {ckpt} trained with mixed precision {old_cfg['mixed_precision']!r}, this "
                                 f"run would use {cfg.mixed_precision!r} (from --mixed-precision, accelerate launch or "
