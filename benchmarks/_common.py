@@ -26,7 +26,7 @@ import platform
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from finetune.stats import mean_std, paired_t_interval, student_t_ppf  # noqa: F401  (re-exported for the scripts)
 
@@ -38,7 +38,8 @@ RESULT_ENV = ('TIMM_DROPFIX_FAST_DROPOUT',)
 __all__ = [
     'REPO_ROOT', 'RESULTS_DIR', 'shared_dir', 'machine_info', 'command_line', 'utc_now', 'write_json',
     'write_result', 'write_json_and_markdown', 'mean_std', 'student_t_ppf', 'paired_t_interval', 'fmt_pm',
-    'describe_machine', 'require_shared', 'check_output_path', 'check_step_size', 'check_timm_model',
+    'describe_machine', 'require_shared', 'check_output_path', 'check_step_size', 'check_timm_model', 'check_rates',
+    'check_distinct_seeds',
 ]
 
 
@@ -118,6 +119,31 @@ def check_step_size(parser: argparse.ArgumentParser, size: int, batch: int) -> N
         # below 64 px resnet50's last feature map is 1x1, and one image fails there after the model is built
         parser.error('--batch must be at least 2: training BatchNorm needs the statistics of more than one image '
                      '(one image at small sizes leaves it one value per channel, and training fails)')
+
+
+def check_rates(parser: argparse.ArgumentParser, **rates: float) -> None:
+    """``parser.error`` unless every dropout rate (``--name value`` as ``name=value``) lies in [0, 1), by
+    timm_dropfix's own rule and message.
+
+    Example:
+        >>> check_rates(argparse.ArgumentParser(), branch_rate=0.1, head_rate=0.2)
+    """
+    from timm_dropfix.positions import check_rate
+    for name, rate in rates.items():
+        try:
+            check_rate(f"--{name.replace('_', '-')}", rate)
+        except ValueError as e:
+            parser.error(str(e))
+
+
+def check_distinct_seeds(parser: argparse.ArgumentParser, seeds: Optional[Sequence[int]], why: str = '') -> None:
+    """``parser.error`` when ``--seeds`` names a seed twice (``why``: what pairs by seed, for the message).
+
+    Example:
+        >>> check_distinct_seeds(argparse.ArgumentParser(), [0, 1, 2])
+    """
+    if seeds is not None and len(set(seeds)) < len(seeds):
+        parser.error('--seeds must be distinct' + (f': {why}' if why else ''))
 
 
 def check_timm_model(name: str, option: str) -> str:

@@ -563,8 +563,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ('epochs', 'test_subset', 'calib_steps', 'threads'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.seeds is not None and len(set(args.seeds)) < len(args.seeds):
-        p.error('--seeds must be distinct: runs are paired by seed')
+    _common.check_distinct_seeds(p, args.seeds, 'runs are paired by seed')
     if args.train_subset is not None:
         batch = PROFILES[args.profile]['batch_size']
         n = min(args.train_subset, CIFAR10_TRAIN)
@@ -575,9 +574,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     'BatchNorm cannot train; give at least 2 and not one more than a multiple of the batch size')
     if args.time_budget_s is not None and not args.time_budget_s > 0:
         p.error('--time-budget-s must be more than 0 seconds')
-    for name in ('branch_rate', 'head_rate'):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            p.error(f"--{name.replace('_', '-')} must be in [0, 1): a dropout probability")
+    _common.check_rates(p, branch_rate=args.branch_rate, head_rate=args.head_rate)
     if args.device is not None:
         try:
             torch.device(args.device)

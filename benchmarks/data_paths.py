@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO_ROOT, check_output_path, command_line, describe_machine, require_shared,  # noqa: E402
-                     utc_now, write_bench_report, write_result)
+from _common import (REPO_ROOT, check_distinct_seeds, check_output_path, command_line,  # noqa: E402
+                     describe_machine, require_shared, utc_now, write_bench_report, write_result)
 
 PROFILES: dict[str, dict[str, Any]] = {
     'cpu': dict(img_size=160, epochs=6, seeds=list(range(12)), limit_train=None, limit_eval=None),
@@ -206,8 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error('--jobs must be >= 1')
     if args.threads is not None and args.threads < 1:
         parser.error('--threads must be >= 1')
-    if args.seeds is not None and len(set(args.seeds)) < len(args.seeds):
-        parser.error('--seeds must be distinct: the arms are paired by seed')
+    check_distinct_seeds(parser, args.seeds, 'the arms are paired by seed')
     if BASELINE not in args.arms:
         parser.error(f'--arms must include the baseline {BASELINE!r}: every arm is compared with it')
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)

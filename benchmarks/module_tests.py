@@ -643,11 +643,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--{k.replace('_', '-')} must be at least {low}{why}")
     if args.fig1_points < 3 or args.fig1_points % 2 == 0:
         p.error('--fig1-points must be odd and at least 3: the grid must hold w_mean = 0, which the summary reports')
-    if len(set(args.seeds)) < len(args.seeds):
-        p.error('--seeds must be distinct')
-    for k in ('branch_rate', 'head_rate'):
-        if not 0.0 <= getattr(args, k) < 1.0:
-            p.error(f"--{k.replace('_', '-')} must be in [0, 1): a dropout probability")
+    _common.check_distinct_seeds(p, args.seeds)
+    _common.check_rates(p, branch_rate=args.branch_rate, head_rate=args.head_rate)
     _common.check_output_path(args.out_dir, '--out-dir')
     if args.part in ('all', 'real'):
         # the real-network part runs after the figures: a missing input must stop the run before those minutes

@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler  # noqa: E402
 
 from _common import (RESULTS_DIR, check_output_path, check_timm_model, command_line, mean_std,  # noqa: E402
                      require_shared, shared_dir, utc_now, write_json_and_markdown)
+from finetune.cpumem import keep_freed_memory  # noqa: E402
 from finetune.stats import paired_t_interval  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # resnet50's pretrained_cfg values
@@ -517,11 +518,6 @@ def _proc_status_bytes(field: str) -> int:
     raise RuntimeError(f'{field} not in /proc/self/status')
 
 
-def _keep_freed_memory() -> bool:
-    from finetune.cpumem import keep_freed_memory
-    return keep_freed_memory()
-
-
 def child_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     """Runs in a fresh process: set up one config, reset the peak-RSS mark, run one step, read the peak.
 
@@ -531,7 +527,7 @@ def child_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     import psutil
     device = torch.device('cpu')
-    kept = _keep_freed_memory() if cfg.get('keep') else False
+    kept = keep_freed_memory() if cfg.get('keep') else False
     rss_libs = _proc_status_bytes('VmRSS')
     torch.manual_seed(0)
     out: dict[str, Any] = {'keep_freed_memory': kept}
@@ -640,7 +636,7 @@ def run(profile: str, out_dir: Path, seed: int, workers: Optional[int],
         prof['workers'] = workers
     device = torch.device('cuda' if profile == 'gpu' else 'cpu')
     # process-wide, so it applies to both arms alike; the memory probes apply it in their own processes
-    kept = _keep_freed_memory() if keep_freed and device.type == 'cpu' else False
+    kept = keep_freed_memory() if keep_freed and device.type == 'cpu' else False
     root = shared_dir() / 'data' / 'pets370'
     samples = pets_samples(root)
     result: dict[str, Any] = {'profile': profile, 'settings': prof, 'device': str(device),
@@ -977,7 +973,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help="CPU: keep freed memory in the process, as `finetune train` does by default "
                              "(finetune/cpumem.py), for both arms; without it, glibc's defaults as in cv_example")
-    parser.add_argument('--seed', type=int, default=0, help='seed of the data order, augmentations and timed models (default 0)')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the data order, augmentations and timed models (default 0)')
     parser.add_argument('--out-dir', default=str(RESULTS_DIR), help='output folder (default benchmarks/results)')
     parser.add_argument('--note', default=None, help='free text stored with the results (e.g. machine load)')
     parser.add_argument('--smoke', action='store_true', help=argparse.SUPPRESS)
