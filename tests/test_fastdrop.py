@@ -281,7 +281,8 @@ def test_a_train_mode_trace_records_torch_dropout_and_stays_random(name):
 def test_forward_mode_ad_gets_torch_dropout():
     import torch.autograd.forward_ad as fwAD
     with fwAD.dual_level():
-        out, tangent = fwAD.unpack_dual(timm_dropfix.fast_dropout(fwAD.make_dual(torch.ones(100), torch.ones(100)), 0.5))
+        dual = fwAD.make_dual(torch.ones(100), torch.ones(100))
+        out, tangent = fwAD.unpack_dual(timm_dropfix.fast_dropout(dual, 0.5))
     assert torch.equal(out, tangent) and (out == 0).any()  # the tangent is masked and scaled as the values are
 
 

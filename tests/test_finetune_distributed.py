@@ -14,17 +14,13 @@ from finetune.config import TrainConfig
 from finetune.errors import FinetuneError
 from finetune.train import train
 
-from test_finetune_train import tiny_cfg
+from test_finetune_train import fresh_worker_state, run_in_two_processes, tiny_cfg
 
 REPO = Path(__file__).parents[1]
 
 
 def _two_process_bench(data_dir: str, out: str) -> None:
-    from accelerate.state import AcceleratorState
-    # the forked worker inherits this pytest process's single-process accelerate state; start from scratch
-    AcceleratorState._reset_state(reset_partial_state=True)
-    import torch
-    torch.set_num_threads(1)
+    fresh_worker_state()
     from finetune.bench import run_bench
     run_bench(tiny_cfg(Path(data_dir), Path(out), epochs=1, batch_size=4, log_with='none'), ['none'], [0],
               baseline='none')
@@ -33,13 +29,7 @@ def _two_process_bench(data_dir: str, out: str) -> None:
 @pytest.fixture(scope='module')
 def bench_two_processes(tiny_pets, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('dist') / 'bench'
-    # a fresh interpreter launches the two forked workers (see test_two_processes_debug_launcher for why)
-    script = (f'import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n'
-              'from accelerate import debug_launcher\n'
-              'from test_finetune_distributed import _two_process_bench\n'
-              f'debug_launcher(_two_process_bench, args=({str(tiny_pets)!r}, {str(out)!r}), num_processes=2)\n')
-    subprocess.run([sys.executable, '-c', script], check=True, timeout=600, cwd=REPO,
-                   env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    run_in_two_processes('test_finetune_distributed', '_two_process_bench', str(tiny_pets), str(out))
     return out
 
 

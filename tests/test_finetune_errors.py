@@ -284,7 +284,8 @@ def test_unknown_option_shows_the_subcommand_usage(capsys, command):
         main([*command, '--no-such-option'])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and 'unrecognized arguments: --no-such-option' in err
-    assert err.startswith(f'usage: python -m finetune {command[0]} ') and f'python -m finetune {command[0]}: error' in err
+    assert err.startswith(f'usage: python -m finetune {command[0]} ')
+    assert f'python -m finetune {command[0]}: error' in err
 
 
 def test_help_is_plain_text_and_describes_the_rates(capsys):

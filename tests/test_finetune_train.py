@@ -340,11 +340,28 @@ def test_pets370_real_data(shared_dir, tmp_path):
     assert classification_metrics(logits, targets)['top1'] == pytest.approx(m['top1'], abs=1e-6)
 
 
-def _two_process_job(data_dir: str, out: str, cache_on_device: bool = False) -> None:
+def run_in_two_processes(module: str, job: str, *args) -> None:
+    """``module.job(*args)`` in two processes of ``accelerate.debug_launcher`` (gloo on CPU).
+
+    debug_launcher forks; forking this pytest process, whose OpenMP pool earlier tests have used, can leave the
+    children deadlocked, so the launch happens in a fresh interpreter (the job still runs in two forked workers)."""
+    script = (f'import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n'
+              'from accelerate import debug_launcher\n'
+              f'from {module} import {job}\n'
+              f'debug_launcher({job}, args={args!r}, num_processes=2)\n')
+    subprocess.run([sys.executable, '-c', script], check=True, timeout=600, cwd=Path(__file__).parents[1],
+                   env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def fresh_worker_state() -> None:
+    """A forked worker inherits the launching process's single-process accelerate state: start from scratch."""
     from accelerate.state import AcceleratorState
-    # the forked worker inherits this pytest process's single-process accelerate state; start from scratch
     AcceleratorState._reset_state(reset_partial_state=True)
     torch.set_num_threads(1)
+
+
+def _two_process_job(data_dir: str, out: str, cache_on_device: bool = False) -> None:
+    fresh_worker_state()
     # with the dropfix rewrite: DDP also runs through the fast CPU dropout (an autograd.Function) in each process
     train(tiny_cfg(Path(data_dir), Path(out), epochs=1, batch_size=4, log_with='none', rewrite=True,
                    cache_on_device=cache_on_device))
@@ -352,15 +369,8 @@ def _two_process_job(data_dir: str, out: str, cache_on_device: bool = False) -> 
 
 @pytest.mark.parametrize('cache_on_device', [False, True], ids=['host_cache', 'cache_on_device'])
 def test_two_processes_debug_launcher(tiny_pets, tmp_path, cache_on_device):
-    # debug_launcher forks; forking this pytest process, whose OpenMP pool earlier tests have used, can leave the
-    # children deadlocked, so the launch happens in a fresh interpreter (the job still runs in two forked workers)
-    script = (f'import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n'
-              'from accelerate import debug_launcher\n'
-              'from test_finetune_train import _two_process_job\n'
-              f'debug_launcher(_two_process_job, args=({str(tiny_pets)!r}, {str(tmp_path / "ddp")!r}, '
-              f'{cache_on_device}), num_processes=2)\n')
-    subprocess.run([sys.executable, '-c', script], check=True, timeout=600, cwd=Path(__file__).parents[1],
-                   env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    run_in_two_processes('test_finetune_train', '_two_process_job', str(tiny_pets), str(tmp_path / 'ddp'),
+                         cache_on_device)
     m = json.loads((tmp_path / 'ddp' / 'metrics.json').read_text())
     assert m['num_processes'] == 2 and m['fast_dropout'] is True
     assert m['n_eval'] == 16 and m['history'][0]['train_images'] == 32  # 2 processes x 4 steps x 4 images
